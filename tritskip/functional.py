@@ -1,0 +1,167 @@
+"""Functional entry points: the fused op where it keeps eager semantics, eager otherwise.
+
+``fused_linear`` computes ``activation(gamma * layer_activation(linear(x, W, b)) + alpha * r)``
+and ``fused_linear_cat`` computes ``torch.cat([gamma * layer_activation(linear(x, W, b)), s],
+-1)`` (or with the shortcut first). Both return exactly what the eager composition would, in
+value (within rounding: the fused path accumulates in fp32 and rounds once), dtype, shape and
+contiguity.
+
+The fused op is used when the inputs allow it: floating tensors of one dtype on one device,
+at least 2-D, a residual of exactly the output's shape, no autocast region. Anything else
+(broadcasting residuals, mixed dtypes, 1-D inputs, autocast) runs the eager composition, which
+also produces eager's own errors for inputs eager rejects.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .epilogue import Activation
+from .ops import backward_from_output, linear_epilogue
+
+__all__ = ["eager_linear_cat", "eager_linear_epilogue", "fused_linear", "fused_linear_cat"]
+
+ActivationLike = str | Activation | None
+
+
+def as_activation(act: ActivationLike) -> Activation:
+    if act is None:
+        return Activation()
+    if isinstance(act, Activation):
+        return act
+    return Activation(act)
+
+
+def _scaled(z: torch.Tensor, gamma: torch.Tensor | float | None) -> torch.Tensor:
+    if gamma is None or (not isinstance(gamma, torch.Tensor) and gamma == 1.0):
+        return z
+    return z * gamma
+
+
+def eager_linear_epilogue(x, weight, bias=None, *, residual=None, gamma=None, alpha=1.0,
+                          activation=None, layer_activation=None):  # fmt: skip
+    """The unfused composition, op by op as a user would write it."""
+    u = as_activation(layer_activation)(F.linear(x, weight, bias))
+    v = _scaled(u, gamma)
+    if residual is not None:
+        v = v + residual if alpha == 1.0 else torch.add(v, residual, alpha=alpha)
+    return as_activation(activation)(v)
+
+
+def eager_linear_cat(x, weight, bias=None, *, shortcut, gamma=None, layer_activation=None,
+                     shortcut_first=False):  # fmt: skip
+    y = _scaled(as_activation(layer_activation)(F.linear(x, weight, bias)), gamma)
+    return torch.cat([shortcut, y] if shortcut_first else [y, shortcut], dim=-1)
+
+
+def _fusable(x, weight, bias, gamma, extra, extra_shape) -> bool:
+    """Whether the fused op reproduces eager exactly for these inputs (see module docstring)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
+        return False
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return False
+    tensors = [weight]
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            return False
+        tensors.append(bias)
+    if isinstance(gamma, torch.Tensor):
+        if gamma.shape not in ((), (weight.shape[0],)):
+            return False
+        tensors.append(gamma)
+    if extra is not None:
+        if extra.shape != extra_shape:
+            return False
+        tensors.append(extra)
+    return all(t.dtype == x.dtype and t.device == x.device for t in tensors)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
+    )
+
+
+def _gamma_args(gamma) -> tuple[torch.Tensor | None, float]:
+    if isinstance(gamma, torch.Tensor):
+        return gamma, 1.0
+    return None, 1.0 if gamma is None else float(gamma)
+
+
+def fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    gamma: torch.Tensor | float | None = None,
+    alpha: float = 1.0,
+    activation: ActivationLike = None,
+    layer_activation: ActivationLike = None,
+) -> torch.Tensor:
+    """``activation(gamma * layer_activation(x @ W.T + b) + alpha * residual)`` in one kernel.
+
+    ``gamma`` is a float, a 0-d tensor or a per-output-channel vector of shape ``[N]``;
+    ``activation``/``layer_activation`` are names from :data:`tritskip.epilogue.ACTIVATIONS`
+    or :class:`~tritskip.epilogue.Activation` objects.
+    """
+    outer, inner = as_activation(activation), as_activation(layer_activation)
+    out_shape = (*x.shape[:-1], weight.shape[0]) if x.dim() >= 1 else None
+    if not _fusable(x, weight, bias, gamma, residual, out_shape):
+        return eager_linear_epilogue(x, weight, bias, residual=residual, gamma=gamma, alpha=alpha,
+                                     activation=outer, layer_activation=inner)  # fmt: skip
+    gamma_t, gamma_s = _gamma_args(gamma)
+    gamma_grad = isinstance(gamma, torch.Tensor) and gamma.requires_grad
+    save_z = _needs_grad(x, weight, bias, residual, gamma) and (
+        gamma_grad
+        or not backward_from_output(
+            inner, outer, residual is not None, gamma_t is None and gamma_s == 1.0
+        )  # fmt: skip
+    )
+    out, _ = linear_epilogue(
+        x, weight, bias, residual, gamma_t, None, gamma_s, float(alpha),
+        inner.name, inner.negative_slope, outer.name, outer.negative_slope, False, save_z,
+    )  # fmt: skip
+    return out
+
+
+def fused_linear_cat(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    shortcut: torch.Tensor,
+    gamma: torch.Tensor | float | None = None,
+    layer_activation: ActivationLike = None,
+    shortcut_first: bool = False,
+) -> torch.Tensor:
+    """``torch.cat([gamma * layer_activation(x @ W.T + b), shortcut], -1)`` in one kernel.
+
+    The kernel writes the Linear's result into its column slice of the output and copies
+    ``shortcut`` into the other, so the concatenation costs no extra pass. With
+    ``shortcut_first`` the order is ``[shortcut, y]``.
+    """
+    inner = as_activation(layer_activation)
+    fusable = (
+        isinstance(shortcut, torch.Tensor)
+        and x.dim() >= 2
+        and shortcut.dim() == x.dim()
+        and _fusable(x, weight, bias, gamma, shortcut, (*x.shape[:-1], shortcut.shape[-1]))
+    )
+    if not fusable:
+        return eager_linear_cat(x, weight, bias, shortcut=shortcut, gamma=gamma,
+                                layer_activation=inner, shortcut_first=shortcut_first)  # fmt: skip
+    gamma_t, gamma_s = _gamma_args(gamma)
+    gamma_grad = isinstance(gamma, torch.Tensor) and gamma.requires_grad
+    save_z = _needs_grad(x, weight, bias, gamma) and (
+        gamma_grad
+        or not backward_from_output(inner, Activation(), False, gamma_t is None and gamma_s == 1.0)
+    )
+    out, _ = linear_epilogue(
+        x, weight, bias, None, gamma_t, shortcut, gamma_s, 1.0,
+        inner.name, inner.negative_slope, "identity", 0.01, shortcut_first, save_z,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,231 @@
+"""The fused Linear-epilogue op: ``torch.library`` registration, dispatch and autograd.
+
+``tritskip::linear_epilogue`` computes ``y = outer(gamma * inner(x @ W.T + b) + alpha * r)``
+(see :mod:`tritskip.epilogue`), or in concat mode writes ``gamma * inner(x @ W.T + b)`` and a
+shortcut tensor side by side into one buffer. It returns ``(out, z)`` where ``z`` is the
+pre-activation ``x @ W.T + b`` when the backward needs it and an empty tensor otherwise.
+
+Dispatch of the forward:
+
+- CUDA tensors of dtype fp32/fp16/bf16 run the Triton kernel.
+- CPU tensors run the Triton kernel through Triton's interpreter when ``TRITON_INTERPRET=1``
+  (how the kernels are tested without a GPU), else a PyTorch path that is as fused as PyTorch
+  allows: one ``addmm`` straight into the output (or its slice of the concat buffer), then
+  in-place epilogue steps.
+
+The backward uses PyTorch matmuls on ``g = dy * act'(.)``.
+
+Use :func:`tritskip.functional.fused_linear` rather than this module directly: it validates,
+falls back to the eager composition where fusing would change semantics, and returns one tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .epilogue import Activation, activation_backward, apply_activation, output_determines_grad
+
+__all__ = ["linear_epilogue", "triton_available", "uses_triton"]
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``triton`` imports; without it only the PyTorch path exists."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def uses_triton(x: torch.Tensor) -> bool:
+    """Whether the forward of an input like ``x`` runs the Triton kernel."""
+    if x.dtype not in _TRITON_DTYPES or not triton_available():
+        return False
+    if x.device.type == "cuda":
+        return True
+    return x.device.type == "cpu" and _interpreting()
+
+
+def _torch_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    shortcut: torch.Tensor | None,
+    gamma_scalar: float,
+    alpha: float,
+    inner: Activation,
+    outer: Activation,
+    shortcut_first: bool,
+    save_z: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """2-D PyTorch path: one addmm into the output slice, then in-place epilogue steps."""
+    m, n = x.shape[0], weight.shape[0]
+    if shortcut is not None:
+        s = shortcut.shape[1]
+        out = x.new_empty(m, n + s)
+        y, short = (out[:, s:], out[:, :s]) if shortcut_first else (out[:, :n], out[:, n:])
+        short.copy_(shortcut)
+    else:
+        out = y = x.new_empty(m, n)
+    if bias is not None:
+        torch.addmm(bias, x, weight.t(), out=y)
+    else:
+        torch.mm(x, weight.t(), out=y)
+    z = y.clone() if save_z else None
+    apply_activation(y, inner.name, inner.negative_slope, inplace=True)
+    if gamma is not None:
+        y.mul_(gamma)
+    elif gamma_scalar != 1.0:
+        y.mul_(gamma_scalar)
+    if residual is not None:
+        y.add_(residual, alpha=alpha)
+    apply_activation(y, outer.name, outer.negative_slope, inplace=True)
+    return out, z
+
+
+@torch.library.custom_op("tritskip::linear_epilogue", mutates_args=())
+def linear_epilogue(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    shortcut: torch.Tensor | None,
+    gamma_scalar: float,
+    alpha: float,
+    inner: str,
+    inner_slope: float,
+    outer: str,
+    outer_slope: float,
+    shortcut_first: bool,
+    save_z: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``outer(gamma * inner(x @ W.T + b) + alpha * r)``; inputs are already validated.
+
+    Leading batch dims of ``x`` (and of ``residual``/``shortcut``) are flattened with
+    ``reshape``, which copies only when they cannot be viewed; the 2-D operands then go to the
+    kernel with their strides, so transposed or sliced 2-D inputs are not copied.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    r2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
+    s2 = None if shortcut is None else shortcut.reshape(-1, shortcut.shape[-1])
+    inner_act, outer_act = Activation(inner, inner_slope), Activation(outer, outer_slope)
+    if uses_triton(x):
+        from .kernels.linear_epilogue import linear_epilogue_forward
+
+        out, z = linear_epilogue_forward(
+            x2, weight, bias, r2, gamma, s2, gamma_scalar, alpha,
+            inner_act, outer_act, shortcut_first, save_z,
+        )  # fmt: skip
+    else:
+        out, z = _torch_forward(
+            x2, weight, bias, r2, gamma, s2, gamma_scalar, alpha,
+            inner_act, outer_act, shortcut_first, save_z,
+        )  # fmt: skip
+    out = out.reshape(*lead, out.shape[-1])
+    z = x.new_empty(0) if z is None else z.reshape(*lead, z.shape[-1])
+    return out, z
+
+
+@linear_epilogue.register_fake
+def _(x, weight, bias, residual, gamma, shortcut, gamma_scalar, alpha, inner, inner_slope,
+      outer, outer_slope, shortcut_first, save_z):  # fmt: skip
+    n = weight.shape[0]
+    width = n if shortcut is None else n + shortcut.shape[-1]
+    out = x.new_empty(*x.shape[:-1], width)
+    z = x.new_empty(*x.shape[:-1], n) if save_z else x.new_empty(0)
+    return out, z
+
+
+def backward_from_output(inner: Activation, outer: Activation, has_residual: bool,
+                         gamma_is_one: bool) -> bool:  # fmt: skip
+    """Whether ``act'`` can be read off the op's output, so ``z`` need not be saved.
+
+    True when only one activation is non-identity and its input is recoverable: ``inner`` is
+    identity and ``outer`` is output-determined (relu, leaky_relu, tanh, sigmoid), or there is
+    no merge at all (no residual, gamma 1) and ``inner`` is output-determined.
+    """
+    if inner.is_identity:
+        return output_determines_grad(outer.name, outer.negative_slope)
+    if outer.is_identity and not has_residual and gamma_is_one:
+        return output_determines_grad(inner.name, inner.negative_slope)
+    return False
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, residual, gamma, shortcut, gamma_scalar, alpha, inner, inner_slope,
+     outer, outer_slope, shortcut_first, save_z) = inputs  # fmt: skip
+    out, z = output
+    ctx.mark_non_differentiable(z)
+    ctx.inner = Activation(inner, inner_slope)
+    ctx.outer = Activation(outer, outer_slope)
+    ctx.gamma_scalar, ctx.alpha, ctx.shortcut_first = gamma_scalar, alpha, shortcut_first
+    ctx.n = weight.shape[0]
+    ctx.shortcut_width = 0 if shortcut is None else shortcut.shape[-1]
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+    ctx.has_gamma = gamma is not None
+    ctx.save_z = save_z
+    # Either the output (act' read from it) or z plus the residual (to rebuild the merge).
+    if save_z:
+        ctx.save_for_backward(x, weight, gamma, residual, None, z)
+    else:
+        ctx.save_for_backward(x, weight, gamma, None, out, None)
+
+
+def _backward(ctx, grad_out, _grad_z):
+    x, weight, gamma, residual, out, z = ctx.saved_tensors
+    n, s = ctx.n, ctx.shortcut_width
+    y_cols = slice(s, s + n) if (s and ctx.shortcut_first) else slice(0, n)
+    s_cols = slice(0, s) if ctx.shortcut_first else slice(n, n + s)
+    dy = grad_out[..., y_cols]
+    gamma_eff = gamma if gamma is not None else ctx.gamma_scalar
+
+    needs = ctx.needs_input_grad
+    u = None
+    if z is not None:
+        u = apply_activation(z, ctx.inner.name, ctx.inner.negative_slope)
+        if ctx.outer.is_identity:
+            g_v = dy
+        else:
+            v = u * gamma_eff
+            if residual is not None:
+                v = v + ctx.alpha * residual
+            g_v = activation_backward(dy, ctx.outer.name, ctx.outer.negative_slope, pre=v)
+        g_z = activation_backward(g_v * gamma_eff, ctx.inner.name, ctx.inner.negative_slope, pre=z)
+    else:
+        y = out[..., y_cols]
+        if ctx.inner.is_identity:
+            g_v = activation_backward(dy, ctx.outer.name, ctx.outer.negative_slope, out=y)
+            g_z = g_v * gamma_eff if (gamma is not None or ctx.gamma_scalar != 1.0) else g_v
+        else:
+            g_v = dy
+            g_z = activation_backward(dy, ctx.inner.name, ctx.inner.negative_slope, out=y)
+
+    g_z2 = g_z.reshape(-1, n)
+    x2 = x.reshape(-1, x.shape[-1])
+    dx = (g_z2 @ weight).reshape(x.shape) if needs[0] else None
+    dw = g_z2.t() @ x2 if needs[1] else None
+    db = g_z2.sum(0) if needs[2] else None
+    dr = g_v * ctx.alpha if needs[3] else None
+    dgamma = None
+    if needs[4]:
+        prod = g_v * u
+        dgamma = prod.sum() if gamma.dim() == 0 else prod.reshape(-1, n).sum(0)
+    ds = grad_out[..., s_cols] if needs[5] else None
+    return dx, dw, db, dr, dgamma, ds, None, None, None, None, None, None, None, None
+
+
+linear_epilogue.register_autograd(_backward, setup_context=_setup_context)
