@@ -119,7 +119,7 @@ def fused_linear(
         gamma_grad
         or not backward_from_output(
             inner, outer, residual is not None, gamma_t is None and gamma_s == 1.0
-        )  # fmt: skip
+        )
     )
     out, _ = linear_epilogue(
         x, weight, bias, residual, gamma_t, None, gamma_s, float(alpha),
