@@ -21,16 +21,19 @@ falls back to the eager composition where fusing would change semantics, and ret
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 
 from .epilogue import Activation, activation_backward, apply_activation, output_determines_grad
 
-__all__ = ["linear_epilogue", "triton_available", "uses_triton"]
+__all__ = ["force_backend", "linear_epilogue", "triton_available", "uses_triton"]
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_forced_backend: str | None = None
 
 
 @functools.cache
@@ -47,10 +50,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@contextlib.contextmanager
+def force_backend(name: str) -> Iterator[None]:
+    """Within the block, run the forward on ``"torch"`` or ``"triton"`` regardless of device.
+
+    For tests and benchmarks: ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1`` set
+    before Triton is first imported.
+    """
+    global _forced_backend
+    if name not in ("torch", "triton"):
+        raise ValueError(f"backend must be 'torch' or 'triton', got {name!r}")
+    previous, _forced_backend = _forced_backend, name
+    try:
+        yield
+    finally:
+        _forced_backend = previous
+
+
 def uses_triton(x: torch.Tensor) -> bool:
     """Whether the forward of an input like ``x`` runs the Triton kernel."""
     if x.dtype not in _TRITON_DTYPES or not triton_available():
         return False
+    if _forced_backend is not None:
+        return _forced_backend == "triton"
     if x.device.type == "cuda":
         return True
     return x.device.type == "cpu" and _interpreting()
