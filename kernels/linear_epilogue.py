@@ -173,18 +173,30 @@ def linear_epilogue_forward(
     outer,
     shortcut_first: bool,
     save_z: bool,
+    out: torch.Tensor | None = None,
+    out_col: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernel on 2-D operands (validated by the caller); returns ``(out, z)``.
 
     Operands are read through their strides, so transposed or sliced 2-D views are not copied.
-    ``inner``/``outer`` are :class:`tritskip.epilogue.Activation` objects.
+    ``inner``/``outer`` are :class:`tritskip.epilogue.Activation` objects. With ``out`` given
+    (a 2-D buffer with unit column stride, no shortcut), the result is written into its columns
+    ``out_col : out_col + N`` instead of a new tensor: how a dense chain fills one buffer.
     """
     m, k = x.shape
     n = weight.shape[0]
     s = 0 if shortcut is None else shortcut.shape[1]
-    out = torch.empty((m, n + s), device=x.device, dtype=x.dtype)
+    if out is None:
+        out = torch.empty((m, n + s), device=x.device, dtype=x.dtype)
+        y_col, s_col = (s, 0) if shortcut_first else (0, n)
+    else:
+        if shortcut is not None or out.stride(1) != 1 or out.shape[0] != m:
+            raise ValueError(
+                f"out buffer of shape {tuple(out.shape)} and strides {out.stride()} cannot take "
+                f"{m} rows at column {out_col} (needs unit column stride and no shortcut)"
+            )
+        y_col, s_col = out_col, 0
     z = torch.empty((m, n), device=x.device, dtype=x.dtype) if save_z else None
-    y_col, s_col = (s, 0) if shortcut_first else (0, n)
     if m == 0:
         return out, z
     if gamma is not None and gamma.dim() == 0:
