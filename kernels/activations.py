@@ -48,3 +48,36 @@ def apply_activation(u, ACTIVATION: tl.constexpr, negative_slope):
     elif ACTIVATION == SIGMOID:
         u = tl.sigmoid(u)
     return u
+
+
+@triton.jit
+def activation_grad(
+    grad, saved, ACTIVATION: tl.constexpr, negative_slope, FROM_OUTPUT: tl.constexpr
+):
+    """grad * act'(u), where ``saved`` is u, or act(u) when ``FROM_OUTPUT``.
+
+    ``FROM_OUTPUT`` is valid for identity, relu, leaky_relu (positive slope), tanh and sigmoid,
+    whose derivative is a function of their output; the caller checks that.
+    """
+    if ACTIVATION == RELU:
+        grad = tl.where(saved > 0, grad, 0.0)
+    elif ACTIVATION == LEAKY_RELU:
+        grad = tl.where(saved > 0, grad, grad * negative_slope)
+    elif ACTIVATION == TANH:
+        t = saved if FROM_OUTPUT else _tanh(saved)
+        grad = grad * (1.0 - t * t)
+    elif ACTIVATION == SIGMOID:
+        s = saved if FROM_OUTPUT else tl.sigmoid(saved)
+        grad = grad * s * (1.0 - s)
+    elif ACTIVATION == GELU:
+        cdf = 0.5 * (1.0 + tl.math.erf(saved * INV_SQRT_2))
+        pdf = tl.exp(-0.5 * saved * saved) * (INV_SQRT_2 * 0.5641895835477563)
+        grad = grad * (cdf + saved * pdf)
+    elif ACTIVATION == GELU_TANH:
+        t = _tanh(SQRT_2_OVER_PI * (saved + GELU_TANH_COEFF * saved * saved * saved))
+        d_inner = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEFF * saved * saved)
+        grad = grad * (0.5 * (1.0 + t) + 0.5 * saved * (1.0 - t * t) * d_inner)
+    elif ACTIVATION == SILU:
+        s = tl.sigmoid(saved)
+        grad = grad * s * (1.0 + saved * (1.0 - s))
+    return grad
