@@ -6,10 +6,21 @@ and ``fused_linear_cat`` computes ``torch.cat([gamma * layer_activation(linear(x
 value (within rounding: the fused path accumulates in fp32 and rounds once), dtype, shape and
 contiguity.
 
-The fused op is used when the inputs allow it: floating tensors of one dtype on one device,
-at least 2-D, a residual of exactly the output's shape, no autocast region. Anything else
-(broadcasting residuals, mixed dtypes, 1-D inputs, autocast) runs the eager composition, which
-also produces eager's own errors for inputs eager rejects.
+The fused op is used when the inputs allow it: floating tensors on one device, at least 2-D,
+``x``, ``weight`` and ``bias`` of one dtype, a residual (or shortcut) of exactly the output's
+shape. The residual, shortcut and ``gamma`` may be of another floating dtype: the output then
+has the dtype eager's type promotion gives (on the Triton path, only where that is ``x``'s
+dtype). Anything else (broadcasting residuals, 1-D inputs, a matmul in mixed dtypes) runs the
+eager composition, which also produces eager's own errors for inputs eager rejects.
+
+Inside an autocast region the inputs of the matmul are cast the way autocast casts ``linear``
+(floating tensors other than float64, to the region's dtype) and the epilogue then promotes as
+eager does, so ``x + fc(x)`` with an fp32 ``x`` under bf16 autocast is fused and returns fp32,
+with gradients in each input's own dtype. The fused result differs from eager only by rounding:
+eager rounds the matmul to bf16 before the add, the fused op does not.
+
+Everything here is plain tensor-metadata logic, so ``torch.compile(fullgraph=True)`` traces it
+without graph breaks.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .epilogue import Activation
-from .ops import backward_from_output, linear_epilogue
+from .ops import backward_from_output, linear_epilogue, out_dtype, uses_triton
 
 __all__ = ["eager_linear_cat", "eager_linear_epilogue", "fused_linear", "fused_linear_cat"]
 
@@ -56,27 +67,44 @@ def eager_linear_cat(x, weight, bias=None, *, shortcut, gamma=None, layer_activa
 
 
 def _fusable(x, weight, bias, gamma, extra, extra_shape) -> bool:
-    """Whether the fused op reproduces eager exactly for these inputs (see module docstring)."""
+    """Whether the fused op reproduces eager for these inputs (see module docstring)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
         return False
-    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or weight.dtype != x.dtype:
         return False
-    if torch.is_autocast_enabled(x.device.type):
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype):
         return False
-    tensors = [weight]
-    if bias is not None:
-        if bias.shape != (weight.shape[0],):
-            return False
-        tensors.append(bias)
+    tensors = [weight] if bias is None else [weight, bias]
     if isinstance(gamma, torch.Tensor):
-        if gamma.shape not in ((), (weight.shape[0],)):
+        if gamma.shape not in ((), (weight.shape[0],)) or not gamma.is_floating_point():
             return False
         tensors.append(gamma)
     if extra is not None:
-        if extra.shape != extra_shape:
+        if extra.shape != extra_shape or not extra.is_floating_point():
             return False
         tensors.append(extra)
-    return all(t.dtype == x.dtype and t.device == x.device for t in tensors)
+    if any(t.device != x.device for t in tensors):
+        return False
+    # A residual and a shortcut promote alike, so either slot gives the output dtype.
+    # TODO: fuse the promoting case on the Triton path too once its wrapper allocates the
+    # output in the promoted dtype (the kernel already converts on load and store).
+    gamma_t = gamma if isinstance(gamma, torch.Tensor) else None
+    return out_dtype(x, gamma_t, extra, None) == x.dtype or not uses_triton(x)
+
+
+def _autocast_inputs(x, weight, bias):
+    """``(x, weight, bias)`` as autocast would hand them to ``linear`` in the current region."""
+    device = x.device.type
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == torch.float64:
+            return t
+        return t.to(dtype)
+
+    return cast(x), cast(weight), cast(bias)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -110,19 +138,20 @@ def fused_linear(
     """
     outer, inner = as_activation(activation), as_activation(layer_activation)
     out_shape = (*x.shape[:-1], weight.shape[0]) if x.dim() >= 1 else None
-    if not _fusable(x, weight, bias, gamma, residual, out_shape):
+    xc, wc, bc = _autocast_inputs(x, weight, bias)
+    if not _fusable(xc, wc, bc, gamma, residual, out_shape):
         return eager_linear_epilogue(x, weight, bias, residual=residual, gamma=gamma, alpha=alpha,
                                      activation=outer, layer_activation=inner)  # fmt: skip
     gamma_t, gamma_s = _gamma_args(gamma)
     gamma_grad = isinstance(gamma, torch.Tensor) and gamma.requires_grad
-    save_z = _needs_grad(x, weight, bias, residual, gamma) and (
+    save_z = _needs_grad(xc, wc, bc, residual, gamma) and (
         gamma_grad
         or not backward_from_output(
             inner, outer, residual is not None, gamma_t is None and gamma_s == 1.0
         )
     )
     out, _ = linear_epilogue(
-        x, weight, bias, residual, gamma_t, None, gamma_s, float(alpha),
+        xc, wc, bc, residual, gamma_t, None, gamma_s, float(alpha),
         inner.name, inner.negative_slope, outer.name, outer.negative_slope, False, save_z,
     )  # fmt: skip
     return out
@@ -145,23 +174,24 @@ def fused_linear_cat(
     ``shortcut_first`` the order is ``[shortcut, y]``.
     """
     inner = as_activation(layer_activation)
+    xc, wc, bc = _autocast_inputs(x, weight, bias)
     fusable = (
         isinstance(shortcut, torch.Tensor)
         and x.dim() >= 2
         and shortcut.dim() == x.dim()
-        and _fusable(x, weight, bias, gamma, shortcut, (*x.shape[:-1], shortcut.shape[-1]))
+        and _fusable(xc, wc, bc, gamma, shortcut, (*x.shape[:-1], shortcut.shape[-1]))
     )
     if not fusable:
         return eager_linear_cat(x, weight, bias, shortcut=shortcut, gamma=gamma,
                                 layer_activation=inner, shortcut_first=shortcut_first)  # fmt: skip
     gamma_t, gamma_s = _gamma_args(gamma)
     gamma_grad = isinstance(gamma, torch.Tensor) and gamma.requires_grad
-    save_z = _needs_grad(x, weight, bias, gamma) and (
+    save_z = _needs_grad(xc, wc, bc, gamma) and (
         gamma_grad
         or not backward_from_output(inner, Activation(), False, gamma_t is None and gamma_s == 1.0)
     )
     out, _ = linear_epilogue(
-        x, weight, bias, None, gamma_t, shortcut, gamma_s, 1.0,
+        xc, wc, bc, None, gamma_t, shortcut, gamma_s, 1.0,
         inner.name, inner.negative_slope, "identity", 0.01, shortcut_first, save_z,
     )  # fmt: skip
     return out

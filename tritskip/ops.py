@@ -5,6 +5,10 @@
 shortcut tensor side by side into one buffer. It returns ``(out, z)`` where ``z`` is the
 pre-activation ``x @ W.T + b`` when the backward needs it and an empty tensor otherwise.
 
+Dtypes follow eager type promotion: ``x``, ``weight`` and ``bias`` share the compute dtype
+(``z`` has it); ``out`` has the dtype eager's ``gamma * u + r`` or ``torch.cat`` would give, so
+a bf16 matmul with an fp32 residual stream (what autocast produces) returns fp32.
+
 Dispatch of the forward:
 
 - CUDA tensors of dtype fp32/fp16/bf16 run the Triton kernel.
@@ -13,7 +17,14 @@ Dispatch of the forward:
   allows: one ``addmm`` straight into the output (or its slice of the concat buffer), then
   in-place epilogue steps.
 
-The backward uses PyTorch matmuls on ``g = dy * act'(.)``.
+Under ``torch.compile`` the op is decomposed (it is a ``torch.library.triton_op`` when Triton
+is installed): Inductor sees the Triton kernel launch, or the PyTorch path's aten ops, instead
+of an opaque call. ``torch.export`` keeps it as one ``tritskip.linear_epilogue`` node. Where
+the kernel launch cannot be traced (the interpreter), a compiled graph calls it through the
+opaque ``tritskip::linear_epilogue_kernel`` op.
+
+The backward uses PyTorch matmuls on ``g = dy * act'(.)``. ``torch.vmap`` is supported by a
+batching rule.
 
 Use :func:`tritskip.functional.fused_linear` rather than this module directly: it validates,
 falls back to the eager composition where fusing would change semantics, and returns one tensor.
@@ -30,12 +41,13 @@ import torch
 
 from .epilogue import Activation, activation_backward, apply_activation, output_determines_grad
 
-__all__ = ["force_backend", "linear_epilogue", "triton_available", "uses_triton"]
+__all__ = ["force_backend", "linear_epilogue", "out_dtype", "triton_available", "uses_triton"]
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _forced_backend: str | None = None
 
 
+@torch.compiler.assume_constant_result
 @functools.cache
 def triton_available() -> bool:
     """Whether ``triton`` imports; without it only the PyTorch path exists."""
@@ -78,6 +90,25 @@ def uses_triton(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and _interpreting()
 
 
+def out_dtype(
+    x: torch.Tensor,
+    gamma: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    shortcut: torch.Tensor | None,
+) -> torch.dtype:
+    """The dtype eager gives ``gamma * u + r`` (or ``cat([gamma * u, s])``) with ``u`` like ``x``.
+
+    A 0-d ``gamma`` does not promote (it counts as a scalar); a per-channel one does.
+    """
+    dtype = x.dtype
+    if gamma is not None and gamma.dim() > 0:
+        dtype = torch.promote_types(dtype, gamma.dtype)
+    for t in (residual, shortcut):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _torch_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -92,20 +123,31 @@ def _torch_forward(
     shortcut_first: bool,
     save_z: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """2-D PyTorch path: one addmm into the output slice, then in-place epilogue steps."""
+    """2-D PyTorch path: one addmm into the output slice, then in-place epilogue steps.
+
+    Only ``out=`` and in-place calls, which autocast leaves alone, so an enclosing autocast
+    region cannot change the dtypes chosen here. With an output dtype wider than ``x``'s the
+    matmul goes to ``z`` first and is widened into the output once.
+    """
     m, n = x.shape[0], weight.shape[0]
+    dtype = out_dtype(x, gamma, residual, shortcut)
     if shortcut is not None:
         s = shortcut.shape[1]
-        out = x.new_empty(m, n + s)
+        out = x.new_empty(m, n + s, dtype=dtype)
         y, short = (out[:, s:], out[:, :s]) if shortcut_first else (out[:, :n], out[:, n:])
         short.copy_(shortcut)
     else:
-        out = y = x.new_empty(m, n)
+        out = y = x.new_empty(m, n, dtype=dtype)
+    mm_out = y if dtype == x.dtype else x.new_empty(m, n)
     if bias is not None:
-        torch.addmm(bias, x, weight.t(), out=y)
+        torch.addmm(bias, x, weight.t(), out=mm_out)
     else:
-        torch.mm(x, weight.t(), out=y)
-    z = y.clone() if save_z else None
+        torch.mm(x, weight.t(), out=mm_out)
+    if mm_out is y:
+        z = y.clone() if save_z else None
+    else:
+        y.copy_(mm_out)
+        z = mm_out if save_z else None
     apply_activation(y, inner.name, inner.negative_slope, inplace=True)
     if gamma is not None:
         y.mul_(gamma)
@@ -117,24 +159,9 @@ def _torch_forward(
     return out, z
 
 
-@torch.library.custom_op("tritskip::linear_epilogue", mutates_args=())
-def linear_epilogue(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    gamma: torch.Tensor | None,
-    shortcut: torch.Tensor | None,
-    gamma_scalar: float,
-    alpha: float,
-    inner: str,
-    inner_slope: float,
-    outer: str,
-    outer_slope: float,
-    shortcut_first: bool,
-    save_z: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused ``outer(gamma * inner(x @ W.T + b) + alpha * r)``; inputs are already validated.
+def _forward(x, weight, bias, residual, gamma, shortcut, gamma_scalar, alpha, inner,
+             inner_slope, outer, outer_slope, shortcut_first, save_z):  # fmt: skip
+    """Flatten leading dims, run the Triton kernel or the PyTorch path, restore the shape.
 
     Leading batch dims of ``x`` (and of ``residual``/``shortcut``) are flattened with
     ``reshape``, which copies only when they cannot be viewed; the 2-D operands then go to the
@@ -146,6 +173,12 @@ def linear_epilogue(
     s2 = None if shortcut is None else shortcut.reshape(-1, shortcut.shape[-1])
     inner_act, outer_act = Activation(inner, inner_slope), Activation(outer, outer_slope)
     if uses_triton(x):
+        if out_dtype(x, gamma, residual, shortcut) != x.dtype:
+            raise NotImplementedError(
+                f"the Triton kernel writes its output in the input dtype ({x.dtype}); a "
+                f"residual, shortcut or per-channel gamma of another dtype is not supported "
+                f"there"
+            )
         from .kernels.linear_epilogue import linear_epilogue_forward
 
         out, z = linear_epilogue_forward(
@@ -162,14 +195,92 @@ def linear_epilogue(
     return out, z
 
 
-@linear_epilogue.register_fake
-def _(x, weight, bias, residual, gamma, shortcut, gamma_scalar, alpha, inner, inner_slope,
-      outer, outer_slope, shortcut_first, save_z):  # fmt: skip
+def _fake(x, weight, bias, residual, gamma, shortcut, gamma_scalar, alpha, inner, inner_slope,
+          outer, outer_slope, shortcut_first, save_z):  # fmt: skip
     n = weight.shape[0]
     width = n if shortcut is None else n + shortcut.shape[-1]
-    out = x.new_empty(*x.shape[:-1], width)
+    out = x.new_empty(*x.shape[:-1], width, dtype=out_dtype(x, gamma, residual, shortcut))
     z = x.new_empty(*x.shape[:-1], n) if save_z else x.new_empty(0)
     return out, z
+
+
+def _traced(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a tracing stand-in (fake or functional tensor) rather than real data."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(x, FunctionalTensor) or is_fake(x)
+
+
+@functools.cache
+def _kernel_launch_traceable() -> bool:
+    """Whether tracing the Triton wrapper captures its kernel (launched via ``wrap_triton``).
+
+    Under the interpreter the kernels are plain Python functions that need real data.
+    """
+    if _interpreting():
+        return False
+    from torch._library.triton import get_inner_triton_kernels
+
+    from .kernels.linear_epilogue import linear_epilogue_forward
+
+    return bool(get_inner_triton_kernels(linear_epilogue_forward))
+
+
+@torch.library.custom_op("tritskip::linear_epilogue_kernel", mutates_args=())
+def _linear_epilogue_kernel(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    shortcut: torch.Tensor | None,
+    gamma_scalar: float,
+    alpha: float,
+    inner: str,
+    inner_slope: float,
+    outer: str,
+    outer_slope: float,
+    shortcut_first: bool,
+    save_z: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward of ``linear_epilogue`` as an opaque op, for graphs that cannot see the kernel."""
+    return _forward(x, weight, bias, residual, gamma, shortcut, gamma_scalar, alpha, inner,
+                    inner_slope, outer, outer_slope, shortcut_first, save_z)  # fmt: skip
+
+
+_linear_epilogue_kernel.register_fake(_fake)
+
+
+def _linear_epilogue(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    gamma: torch.Tensor | None,
+    shortcut: torch.Tensor | None,
+    gamma_scalar: float,
+    alpha: float,
+    inner: str,
+    inner_slope: float,
+    outer: str,
+    outer_slope: float,
+    shortcut_first: bool,
+    save_z: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``outer(gamma * inner(x @ W.T + b) + alpha * r)``; inputs are already validated."""
+    args = (x, weight, bias, residual, gamma, shortcut, gamma_scalar, alpha, inner, inner_slope,
+            outer, outer_slope, shortcut_first, save_z)  # fmt: skip
+    if uses_triton(x) and _traced(x) and not _kernel_launch_traceable():
+        return _linear_epilogue_kernel(*args)
+    return _forward(*args)
+
+
+# A triton_op is decomposed under torch.compile, so Inductor sees what runs; without Triton a
+# custom_op behaves the same everywhere else.
+_define = torch.library.triton_op if triton_available() else torch.library.custom_op
+linear_epilogue = _define("tritskip::linear_epilogue", mutates_args=())(_linear_epilogue)
+linear_epilogue.register_fake(_fake)
 
 
 def backward_from_output(inner: Activation, outer: Activation, has_residual: bool,
@@ -200,6 +311,8 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
     ctx.has_gamma = gamma is not None
     ctx.save_z = save_z
+    ctx.residual_dtype = None if residual is None else residual.dtype
+    ctx.shortcut_dtype = None if shortcut is None else shortcut.dtype
     # Either the output (act' read from it) or z plus the residual (to rebuild the merge).
     if save_z:
         ctx.save_for_backward(x, weight, gamma, residual, None, z)
@@ -236,17 +349,20 @@ def _backward(ctx, grad_out, _grad_z):
             g_v = dy
             g_z = activation_backward(dy, ctx.inner.name, ctx.inner.negative_slope, out=y)
 
-    g_z2 = g_z.reshape(-1, n)
+    # The merge may run in a wider dtype than the matmul (see out_dtype); the matmul grads
+    # are taken in the matmul's dtype, each returned grad in its input's dtype.
+    g_z2 = g_z.reshape(-1, n).to(x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
     dx = (g_z2 @ weight).reshape(x.shape) if needs[0] else None
     dw = g_z2.t() @ x2 if needs[1] else None
     db = g_z2.sum(0) if needs[2] else None
-    dr = g_v * ctx.alpha if needs[3] else None
+    dr = (g_v * ctx.alpha).to(ctx.residual_dtype) if needs[3] else None
     dgamma = None
     if needs[4]:
         prod = g_v * u
         dgamma = prod.sum() if gamma.dim() == 0 else prod.reshape(-1, n).sum(0)
-    ds = grad_out[..., s_cols] if needs[5] else None
+        dgamma = dgamma.to(gamma.dtype)
+    ds = grad_out[..., s_cols].to(ctx.shortcut_dtype) if needs[5] else None
     return dx, dw, db, dr, dgamma, ds, None, None, None, None, None, None, None, None
 
 
