@@ -175,6 +175,7 @@ def linear_epilogue_forward(
     save_z: bool,
     out: torch.Tensor | None = None,
     out_col: int = 0,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernel on 2-D operands (validated by the caller); returns ``(out, z)``.
 
@@ -182,12 +183,14 @@ def linear_epilogue_forward(
     ``inner``/``outer`` are :class:`tritskip.epilogue.Activation` objects. With ``out`` given
     (a 2-D buffer with unit column stride, no shortcut), the result is written into its columns
     ``out_col : out_col + N`` instead of a new tensor: how a dense chain fills one buffer.
+    ``out_dtype`` (default ``x.dtype``) may be wider than the inputs, as eager's promotion gives
+    for a bf16 matmul merged with an fp32 residual under autocast; ``z`` keeps ``x.dtype``.
     """
     m, k = x.shape
     n = weight.shape[0]
     s = 0 if shortcut is None else shortcut.shape[1]
     if out is None:
-        out = torch.empty((m, n + s), device=x.device, dtype=x.dtype)
+        out = torch.empty((m, n + s), device=x.device, dtype=out_dtype or x.dtype)
         y_col, s_col = (s, 0) if shortcut_first else (0, n)
     else:
         if shortcut is not None or out.stride(1) != 1 or out.shape[0] != m:

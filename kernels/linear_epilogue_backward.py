@@ -205,11 +205,13 @@ def linear_epilogue_backward(
     outer,
     y_col: int,
     needs: tuple[bool, bool, bool, bool, bool],
+    residual_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients ``(dx, dW, db, dr, dgamma)`` of 2-D operands; ``None`` where not needed.
 
     ``saved`` is the op's 2-D output (``from_output``; the Linear's columns start at ``y_col``)
-    or ``z``. ``dgamma`` has ``gamma``'s shape. ``needs`` flags dx, dW, db, dr, dgamma.
+    or ``z``. ``dgamma`` has ``gamma``'s shape. ``needs`` flags dx, dW, db, dr, dgamma. ``dr``
+    is written in ``residual_dtype`` (default ``x.dtype``), the other gradients in their input's.
     """
     m, k = x.shape
     n = weight.shape[0]
@@ -217,7 +219,8 @@ def linear_epilogue_backward(
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
     dw = torch.empty((n, k), device=x.device, dtype=weight.dtype) if need_dw else None
     db = torch.empty((n,), device=x.device, dtype=x.dtype) if need_db else None
-    dr = torch.empty((m, n), device=x.device, dtype=x.dtype) if need_dr else None
+    dr_dtype = residual_dtype or x.dtype
+    dr = torch.empty((m, n), device=x.device, dtype=dr_dtype) if need_dr else None
     dgamma = torch.empty((n,), device=x.device, dtype=torch.float32) if need_dgamma else None
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     saved_col = y_col if from_output else 0

@@ -227,3 +227,77 @@ def test_every_gradient(case, dtype):
     for name, f, e, r in zip(names, fused_grads, eager_grads, ref_grads, strict=True):
         assert f is not None and f.dtype == dtype, f"{name}: missing gradient or wrong dtype"
         _check(f, e, r, f"grad of {name} ({case})", dtype)
+
+
+def _grads_of(fn, leaves, kwargs_fn):
+    out = fn(**kwargs_fn(leaves))
+    weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
+    (out.double() * weights).sum().backward()
+    return {k: v.grad for k, v in leaves.items()}
+
+
+def _compare_grads(fused_fn, eager_fn, leaves, kwargs_fn, dtype, what):
+    fused = _grads_of(fused_fn, leaves, kwargs_fn)
+    twins = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
+    eager = _grads_of(eager_fn, twins, kwargs_fn)
+    ref = _grads_of(eager_fn, {k: _as64(v) for k, v in leaves.items()}, kwargs_fn)
+    for name in leaves:
+        assert fused[name] is not None, f"{what}: no gradient for {name}"
+        assert fused[name].dtype == leaves[name].dtype, f"{what}: grad dtype of {name}"
+        _check(fused[name], eager[name], ref[name], f"{what}: grad of {name}", dtype)
+
+
+@pytest.mark.parametrize("slot", ["activation", "layer_activation"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_gradient_of_each_activation(act, slot):
+    dtype = torch.float32
+    t = _tensors(17, 33, 9, dtype, requires_grad=True)
+    leaves = {k: t[k] for k in ("x", "weight", "bias", "residual", "gamma")}
+
+    def kwargs(v):
+        return {"x": v["x"], "weight": v["weight"], "bias": v["bias"], "residual": v["residual"],
+                "gamma": v["gamma"], slot: act}  # fmt: skip
+
+    _compare_grads(fused_linear, eager_linear_epilogue, leaves, kwargs, dtype, f"{act} {slot}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(1,), (3, 5), (2, 3, 1)], ids=["2d", "3d", "4d"])
+@pytest.mark.parametrize("nk", [(1, 1), (33, 3), (3, 65)], ids=lambda s: f"n{s[0]}k{s[1]}")
+def test_gradients_over_dims_and_dtypes(nk, lead, dtype):
+    n, k = nk
+    g = torch.Generator().manual_seed(2)
+
+    def make(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).requires_grad_()
+
+    leaves = {
+        "x": make(*lead, 7, k),
+        "weight": make(n, k, scale=k**-0.5),
+        "bias": make(n),
+        "residual": make(*lead, 7, n),
+    }
+
+    def kwargs(v):
+        return {"x": v["x"], "weight": v["weight"], "bias": v["bias"], "residual": v["residual"],
+                "activation": "gelu", "alpha": 0.5}  # fmt: skip
+
+    _compare_grads(fused_linear, eager_linear_epilogue, leaves, kwargs, dtype, f"{lead} {nk}")
+
+
+def test_wider_residual_promotes_like_eager():
+    """An fp16 matmul merged with an fp32 residual (what autocast produces) returns fp32."""
+    g = torch.Generator().manual_seed(3)
+    leaves = {
+        "x": torch.randn(9, 17, generator=g).half().requires_grad_(),
+        "weight": (torch.randn(33, 17, generator=g) * 0.25).half().requires_grad_(),
+        "bias": torch.randn(33, generator=g).half().requires_grad_(),
+        "residual": torch.randn(9, 33, generator=g).requires_grad_(),
+    }
+
+    def kwargs(v):
+        return {**v, "activation": "silu"}
+
+    with torch.no_grad():
+        assert fused_linear(**kwargs(leaves)).dtype == torch.float32
+    _compare_grads(fused_linear, eager_linear_epilogue, leaves, kwargs, torch.float16, "fp16+fp32")

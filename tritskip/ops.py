@@ -173,17 +173,12 @@ def _forward(x, weight, bias, residual, gamma, shortcut, gamma_scalar, alpha, in
     s2 = None if shortcut is None else shortcut.reshape(-1, shortcut.shape[-1])
     inner_act, outer_act = Activation(inner, inner_slope), Activation(outer, outer_slope)
     if uses_triton(x):
-        if out_dtype(x, gamma, residual, shortcut) != x.dtype:
-            raise NotImplementedError(
-                f"the Triton kernel writes its output in the input dtype ({x.dtype}); a "
-                f"residual, shortcut or per-channel gamma of another dtype is not supported "
-                f"there"
-            )
         from .kernels.linear_epilogue import linear_epilogue_forward
 
         out, z = linear_epilogue_forward(
             x2, weight, bias, r2, gamma, s2, gamma_scalar, alpha,
             inner_act, outer_act, shortcut_first, save_z,
+            out_dtype=out_dtype(x, gamma, residual, shortcut),
         )  # fmt: skip
     else:
         out, z = _torch_forward(
@@ -320,6 +315,31 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(x, weight, gamma, None, out, None)
 
 
+def _triton_backward(ctx, grad_out, x, weight, gamma, residual, out, z, y_cols):
+    """dx, dW, db, dr, dgamma from the Triton kernels, which rebuild g_z as they load it."""
+    from .kernels.linear_epilogue_backward import linear_epilogue_backward
+
+    needs = ctx.needs_input_grad
+    from_output = z is None
+    saved = out if from_output else z
+    dx, dw, db, dr, dgamma = linear_epilogue_backward(
+        grad_out.reshape(-1, grad_out.shape[-1]),
+        saved.reshape(-1, saved.shape[-1]),
+        from_output,
+        x.reshape(-1, x.shape[-1]),
+        weight,
+        None if residual is None else residual.reshape(-1, residual.shape[-1]),
+        gamma, ctx.gamma_scalar, ctx.alpha, ctx.inner, ctx.outer, y_cols.start,
+        (needs[0], needs[1], needs[2], needs[3], needs[4]),
+        residual_dtype=ctx.residual_dtype,
+    )  # fmt: skip
+    if dx is not None:
+        dx = dx.reshape(x.shape)
+    if dr is not None:
+        dr = dr.reshape(*x.shape[:-1], weight.shape[0])
+    return dx, dw, db, dr, dgamma
+
+
 def _backward(ctx, grad_out, _grad_z):
     x, weight, gamma, residual, out, z = ctx.saved_tensors
     n, s = ctx.n, ctx.shortcut_width
@@ -329,6 +349,11 @@ def _backward(ctx, grad_out, _grad_z):
     gamma_eff = gamma if gamma is not None else ctx.gamma_scalar
 
     needs = ctx.needs_input_grad
+    ds = grad_out[..., s_cols].to(ctx.shortcut_dtype) if needs[5] else None
+    if uses_triton(x) and x.shape[-1] > 0 and n > 0:
+        return (*_triton_backward(ctx, grad_out, x, weight, gamma, residual, out, z, y_cols), ds,
+                None, None, None, None, None, None, None, None)  # fmt: skip
+
     u = None
     if z is not None:
         u = apply_activation(z, ctx.inner.name, ctx.inner.negative_slope)
@@ -362,7 +387,6 @@ def _backward(ctx, grad_out, _grad_z):
         prod = g_v * u
         dgamma = prod.sum() if gamma.dim() == 0 else prod.reshape(-1, n).sum(0)
         dgamma = dgamma.to(gamma.dtype)
-    ds = grad_out[..., s_cols].to(ctx.shortcut_dtype) if needs[5] else None
     return dx, dw, db, dr, dgamma, ds, None, None, None, None, None, None, None, None
 
 
