@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from tritskip.functional import fused_linear, fused_linear_cat
-from tritskip.graph_pass import explain, fuse_graph, optimize
+from tritskip.graph_pass import dynamo_backend, explain, fuse_graph, optimize
 from tritskip.report import Report
 
 N = 6
@@ -678,6 +678,46 @@ def test_fuse_graph_on_a_traced_module():
     x = example()
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), **TOL, msg="outputs differ")
+
+
+class KwargsBlock(nn.Module):
+    """Does not trace with torch.fx (``**kwargs``); Dynamo captures it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(N, N)
+        self.fc2 = nn.Linear(N, N)
+
+    def forward(self, x, **kwargs):
+        h = F.relu(self.fc(x) + x) * kwargs.get("scale", 1.0)
+        g = F.gelu(self.fc2(h))
+        g += h
+        return torch.cat([g, h], -1)
+
+
+def test_dynamo_backend_fuses_captured_graphs(monkeypatch):
+    import tritskip.graph_pass as graph_pass
+
+    graphs = []
+
+    def recording_fuse_graph(gm, **kwargs):
+        sites = fuse_graph(gm, **kwargs)
+        graphs.append(sites)
+        return sites
+
+    monkeypatch.setattr(graph_pass, "fuse_graph", recording_fuse_graph)
+    torch._dynamo.reset()
+    model = KwargsBlock().double()
+    compiled = KwargsBlock().double()
+    compiled.load_state_dict(model.state_dict())
+    compiled.compile(backend=dynamo_backend, fullgraph=True)
+    x = example()
+    assert_same(model, compiled, x)
+    (sites,) = graphs
+    assert [(s.module, s.pattern, s.fused) for s in sites] == [
+        ("fc", "F.linear → add → relu", True),
+        ("fc2", "F.linear → gelu → add", True),
+    ], sites
 
 
 @pytest.mark.triton

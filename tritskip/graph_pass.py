@@ -76,7 +76,7 @@ from .epilogue import Activation
 from .functional import fused_linear, fused_linear_cat
 from .report import Report, Site, Untraced
 
-__all__ = ["SkipTracer", "explain", "fuse_graph", "optimize"]
+__all__ = ["SkipTracer", "dynamo_backend", "explain", "fuse_graph", "optimize"]
 
 logger = logging.getLogger(__name__)
 
@@ -408,6 +408,19 @@ class _State:
 
 
 _AFTER_LINEAR, _AFTER_INNER, _AFTER_SCALE, _AFTER_ADD, _DONE = range(5)
+_DYNAMO_ROOT = re.compile(r"^L\['[^']*'\]\.?")  # Dynamo names modules from the local "L['self']"
+_NEXT_STEPS = {
+    _AFTER_LINEAR: {"activation", "scale", "add", "cat", "dropout"},
+    _AFTER_INNER: {"activation", "scale", "add", "cat", "dropout"},
+    _AFTER_SCALE: {"activation", "add", "cat", "dropout"},
+    _AFTER_ADD: {"activation"},
+}
+
+
+def _step_class(kind: str) -> str:
+    if kind in ("scale", "add", "cat", "dropout"):
+        return kind
+    return "add" if kind == "sub" else "activation"
 
 
 def _source(node: Node) -> str:
@@ -626,7 +639,9 @@ class _Matcher:
     def _owner(self, node: Node) -> str:
         stack = node.meta.get("nn_module_stack")
         inner = next(reversed(stack.values()))[0] if stack else ""
-        return _join(self.prefix, inner if isinstance(inner, str) else "")
+        if not isinstance(inner, str):
+            inner = ""
+        return _join(self.prefix, _DYNAMO_ROOT.sub("", inner))
 
     def _value_meta(self, node: Any) -> tuple[tuple[int, ...], torch.dtype] | None:
         """Shape and dtype of a node, reading ``get_attr`` tensors directly."""
@@ -653,7 +668,9 @@ class _Matcher:
         if st.stage == _DONE or not users:
             return None, "", ""
         if len(users) > 1:
-            kinds = [k for k in map(self._kind, users) if k]
+            # Worth reporting only when some user is an op that could have continued the chain.
+            allowed = _NEXT_STEPS[st.stage]
+            kinds = [k for k in map(self._kind, users) if k and _step_class(k) in allowed]
             if kinds:
                 return None, f"the {last} output has {len(users)} users", kinds[0]
             return None, "", ""
@@ -946,6 +963,19 @@ def fuse_graph(gm: GraphModule, *, prefix: str = "") -> list[Site]:
         gm.graph.lint()
         gm.recompile()
     return sites
+
+
+def dynamo_backend(gm: GraphModule, example_inputs: list[Any]) -> Any:
+    """A ``torch.compile`` backend that fuses the sites of each captured graph and runs it eagerly.
+
+    Dynamo captures models that ``torch.fx`` symbolic tracing cannot (``**kwargs``, tuple
+    unpacking, data-dependent code split into several graphs), so this reaches sites that
+    :func:`optimize` reports as untraced: ``torch.compile(model, backend=dynamo_backend)``.
+    Shapes come from Dynamo's example values.
+    """
+    sites = fuse_graph(gm)
+    logger.debug("dynamo graph: %d of %d sites fused", sum(s.fused for s in sites), len(sites))
+    return gm.forward
 
 
 # ---------------------------------------------------------------------------------------------
