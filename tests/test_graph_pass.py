@@ -558,6 +558,27 @@ def test_untraceable_model_with_example_inputs_records_child_shapes():
     assert [s.shape for s in report] == [(4, N), None, (4, 2 * N)], str(report)
 
 
+class NoGradInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(N, N)
+        self.head = Net(lambda m, x: F.relu(m.fc(x) + x))
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = F.relu(self.fc(x) + x)
+        return self.head(h) + h
+
+
+def test_grad_mode_change_inside_forward_is_not_traced_whole():
+    model = NoGradInside().double()
+    optimized, report = optimize(model, return_report=True)
+    assert [u.module for u in report.untraced] == [""], str(report)
+    assert "grad mode" in report.untraced[0].reason, report.untraced[0].reason
+    assert [(s.module, s.fused) for s in report] == [("head.fc", True)], str(report)
+    assert_same(model, optimized, example())
+
+
 def test_hooks_are_kept():
     calls = []
     model = net(lambda m, x: F.relu(m.fc(x) + x))

@@ -46,8 +46,12 @@ What the rewrite assumes and keeps:
   as the last dimension only when the example inputs show it is, and the rewritten call then
   always concatenates along the last dimension: inputs of another rank are not supported.
 - **Tracing.** Modules from ``torch.nn`` are leaves, as in ``torch.fx``. A module that does not
-  trace (data-dependent control flow, ``*args``, a traced-through submodule with forward hooks
-  that tracing would drop) is reported and its children are optimized one by one in its place.
+  trace (data-dependent control flow, ``*args``), or whose graph would lose behaviour (a
+  traced-through submodule with forward hooks, ``torch.no_grad()`` or autocast entered inside
+  ``forward``), is reported and its children are optimized one by one in its place. A module
+  that is rewritten becomes a ``GraphModule``: its ``forward`` is the traced graph, and methods
+  of its class other than ``forward`` are not carried over (attributes are). TorchScript modules
+  are left as they are.
   Linear modules with hooks, and subclasses that override ``forward``, are never fused.
 - **Idempotence.** The fused functions are leaves of the tracer and count as already-fused
   sites, so optimizing a result again changes nothing.
@@ -116,8 +120,17 @@ for _name in _INPLACE_OPERATORS:
     setattr(_InplaceProxy, f"__{_name}__", _inplace_method(getattr(operator, _name)))
 
 
-class _HookedSubmodule(Exception):
-    pass
+class _Untraceable(Exception):
+    """Tracing would succeed but lose part of the module's behaviour."""
+
+
+def _modes() -> tuple[bool, ...]:
+    return (
+        torch.is_grad_enabled(),
+        torch.is_inference_mode_enabled(),
+        torch.is_autocast_enabled("cpu"),
+        torch.is_autocast_enabled("cuda"),
+    )
 
 
 def _has_call_hooks(m: nn.Module) -> bool:
@@ -137,23 +150,42 @@ class SkipTracer(Tracer):
 
     Differences from the default: stack traces are recorded (for the report), the fused
     functions are leaves, ``Activation`` arguments become constructor calls in the graph (so the
-    generated code can rebuild them), ``+=``-style ops stay in place, and tracing through a
-    submodule that has forward or backward hooks fails instead of silently dropping the hooks.
+    generated code can rebuild them), ``+=``-style ops stay in place, and tracing fails instead
+    of silently dropping what a graph cannot hold: hooks of a traced-through submodule, and a
+    grad-mode or autocast change made inside ``forward`` (``with torch.no_grad():``).
     """
 
     def __init__(self, record_sources: bool = True) -> None:
         super().__init__(autowrap_functions=(fused_linear, fused_linear_cat))
         self.record_sources = record_sources
+        self.modes = _modes()
+        self.entry = None
+
+    def trace(self, root, concrete_args=None) -> Graph:
+        self.modes = _modes()
+        self.entry = sys._getframe()  # frames from here outwards are not the model's
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            self.entry = None
 
     def create_node(self, *args, **kwargs) -> Node:
+        if _modes() != self.modes:
+            raise _Untraceable(
+                "forward changes the grad mode or autocast state, which a traced graph would drop"
+            )
         node = super().create_node(*args, **kwargs)
         if self.record_sources:
             # The innermost frame of the model's own code, as one ``stack_trace`` entry. Cheaper
             # than ``record_stack_traces``, which symbolizes the whole stack for every node.
             frame = sys._getframe(1)
-            while frame is not None and _internal(frame.f_code.co_filename):
+            while (
+                frame is not None
+                and frame is not self.entry
+                and _internal(frame.f_code.co_filename)
+            ):
                 frame = frame.f_back
-            if frame is not None:
+            if frame is not None and frame is not self.entry:
                 code = frame.f_code
                 line = linecache.getline(code.co_filename, frame.f_lineno).strip()
                 node.meta["stack_trace"] = (
@@ -174,7 +206,7 @@ class SkipTracer(Tracer):
         if m is not self.root and _has_call_hooks(m):
             path = self.path_of_module(m)
             if not self.is_leaf_module(m, path):
-                raise _HookedSubmodule(
+                raise _Untraceable(
                     f"submodule {path!r} has forward or backward hooks, which tracing through it "
                     "would drop"
                 )
@@ -189,10 +221,6 @@ def _trace_once(module: nn.Module, record_sources: bool) -> tuple[Graph, dict[st
     finally:
         constants = {k: module.__dict__.pop(k) for k in list(vars(module)) if k not in before}
     return graph, constants
-
-
-class _TrainingDependent(Exception):
-    pass
 
 
 def _trace(module: nn.Module) -> tuple[Graph, dict[str, Any]]:
@@ -215,7 +243,7 @@ def _trace(module: nn.Module) -> tuple[Graph, dict[str, Any]]:
     except RuntimeError:  # a tensor constant among the arguments
         same = graph.python_code("self").src == flipped.python_code("self").src
     if not same:
-        raise _TrainingDependent(
+        raise _Untraceable(
             "its graph depends on self.training (train and eval mode trace differently)"
         )
     return graph, constants
@@ -261,6 +289,9 @@ def _clone(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
     """
     if id(module) in memo:
         return memo[id(module)]
+    if isinstance(module, torch.jit.ScriptModule):  # compiled state lives in C++; left as is
+        memo[id(module)] = module
+        return module
     cls = type(module)
     new = cls.__new__(cls)
     memo[id(module)] = new
@@ -1088,7 +1119,7 @@ _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 def _reason(e: Exception) -> str:
     text = str(e).strip().splitlines()
     first = text[0] if text else ""
-    if isinstance(e, (_TrainingDependent, _HookedSubmodule)):
+    if isinstance(e, _Untraceable):
         return first
     return f"{type(e).__name__}: {first}"[:300]
 
@@ -1108,6 +1139,9 @@ class _Pass:
         return result
 
     def _module(self, m: nn.Module, name: str, call: tuple[tuple, dict] | None) -> nn.Module:
+        if isinstance(m, torch.jit.ScriptModule):
+            self.report.untraced.append(Untraced(name, "a TorchScript module is left as it is"))
+            return m
         if isinstance(m, _CONTAINERS) or type(m).forward is nn.Module.forward:
             self._children(m, name)
             return m
