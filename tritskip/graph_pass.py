@@ -76,6 +76,8 @@ from torch.fx import Graph, GraphModule, Node, Proxy, Tracer
 from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .dense_chain import dense_chain
+from .dense_chain_pass import dense_chain_sites, rewrite_dense_chains
 from .epilogue import Activation
 from .functional import fused_linear, fused_linear_cat
 from .report import Report, Site, Untraced
@@ -156,7 +158,7 @@ class SkipTracer(Tracer):
     """
 
     def __init__(self, record_sources: bool = True) -> None:
-        super().__init__(autowrap_functions=(fused_linear, fused_linear_cat))
+        super().__init__(autowrap_functions=(fused_linear, fused_linear_cat, dense_chain))
         self.record_sources = record_sources
         self.modes = _modes()
         self.entry = None
@@ -839,9 +841,20 @@ class _Matcher:
     def run(self) -> list[Site]:
         nodes = list(self.graph.nodes)
         self.index = {n: i for i, n in enumerate(nodes)}
+        # Dense chains first: their steps would otherwise be fused one cat at a time.
+        chains = rewrite_dense_chains(self)
+        if chains:
+            nodes = list(self.graph.nodes)
+            self.index = {n: i for i, n in enumerate(nodes)}
         self.inplace_at = [i for i, n in enumerate(nodes) if self._is_inplace(n)]
         sites = []
         for node in nodes:
+            if node in chains:
+                sites.extend(chains[node])
+                continue
+            if node.op == "call_function" and node.target is dense_chain:
+                sites.extend(dense_chain_sites(self, node))
+                continue
             if node.op == "call_function" and node.target in (fused_linear, fused_linear_cat):
                 sites.append(self._already_fused(node))
                 continue
