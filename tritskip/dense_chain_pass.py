@@ -156,10 +156,11 @@ def rewrite_dense_chains(matcher: _Matcher) -> dict[Node, list[Site]]:
 
 def _rewrite(matcher: _Matcher, chain: list[_Step]) -> Node:
     graph, end = matcher.graph, chain[-1].cat
+    # Read the Linears again: an earlier rewrite may have replaced this chain's input.
+    lins = [matcher._linear(step.lin.node) for step in chain]
     with graph.inserting_before(end):
         weights, biases = [], []
-        for step in chain:
-            lin = step.lin
+        for lin in lins:
             if lin.module is not None:
                 weights.append(graph.get_attr(f"{lin.node.target}.weight"))
                 has_bias = lin.module.bias is not None
@@ -168,7 +169,7 @@ def _rewrite(matcher: _Matcher, chain: list[_Step]) -> Node:
                 weights.append(lin.weight)
                 biases.append(lin.bias)
         act = matcher._activation_arg(chain[0].act)
-        call = graph.call_function(dense_chain, (chain[0].lin.x, weights, biases, act))
+        call = graph.call_function(dense_chain, (lins[0].x, weights, biases, act))
     call.meta.update({k: v for k, v in end.meta.items() if k != "stack_trace"})
     for key in ("stack_trace", "nn_module_stack"):
         if key in chain[0].lin.node.meta:
