@@ -8,9 +8,11 @@ eager's own error in that dtype, plus a small atol. Freshly allocated memory is 
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tritskip.dense_chain import DenseChain, dense_chain, eager_dense_chain
+from tritskip.graph_pass import explain, optimize
 
 ACTS = ["relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "identity"]
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -251,3 +253,156 @@ def test_triton_forward(shape, act, dtype):
     for name, a, r, e in zip(_names(3), got, want, eag, strict=True):
         err, eager_err = (a.double() - r).abs().max().item(), (e.double() - r).abs().max().item()
         assert err <= 2 * eager_err + ATOL[dtype], f"grad of {name}: error {err:.3g}"
+
+
+# --- the graph pass ------------------------------------------------------------------------------
+
+
+class DenseNet(nn.Module):
+    """``h = cat([act(fc(h)), h], -1)`` written out by hand; ``keep`` returns intermediates."""
+
+    def __init__(self, widths=(4, 5, 3, 6), k0=7, act=F.relu, keep=(), functional=False):
+        super().__init__()
+        self.fcs = nn.ModuleList()
+        for n in widths:
+            self.fcs.append(nn.Linear(k0, n))
+            k0 += n
+        self.act, self.keep, self.functional = act, tuple(keep), functional
+
+    def forward(self, x):
+        h, kept = x, []
+        for i, fc in enumerate(self.fcs):
+            y = F.linear(h, fc.weight, fc.bias) if self.functional else fc(h)
+            h = torch.cat([self.act(y), h], -1)
+            if i in self.keep:
+                kept.append(h)
+        return (h, *kept) if kept else h
+
+
+def _calls(gm, target):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
+
+
+def _check_model(model, opt, x):
+    model, opt = model.double(), opt.double()
+    x = x.double().requires_grad_()
+    outs = opt(x) if isinstance(opt(x), tuple) else (opt(x),)
+    refs = model(x) if isinstance(model(x), tuple) else (model(x),)
+    for a, b in zip(outs, refs, strict=True):
+        assert a.shape == b.shape and a.is_contiguous()
+        _assert_close(a, b, "output")
+    grad_outs = [torch.randn_like(r) for r in refs]
+    params = [x, *model.parameters()]
+    got = torch.autograd.grad(outs, params, grad_outs)
+    want = torch.autograd.grad(refs, params, grad_outs)
+    for a, b in zip(got, want, strict=True):
+        _assert_close(a, b, "gradient")
+    return outs
+
+
+@pytest.mark.parametrize("functional", [False, True], ids=["module", "F.linear"])
+def test_optimize_turns_a_chain_into_one_call(functional):
+    model = DenseNet(functional=functional)
+    opt, report = optimize(model, return_report=True)
+    calls = _calls(opt, dense_chain)
+    assert len(calls) == 1 and len(calls[0].args[1]) == 4
+    assert not _calls(opt, torch.cat)
+    assert list(opt.state_dict()) == list(model.state_dict())
+    assert all(a is b for a, b in zip(opt.parameters(), model.parameters(), strict=True))
+    assert [s.module for s in report.fused] == [f"fcs.{i}" for i in range(4)] or functional
+    assert all("4-layer dense chain" in s.note for s in report.fused)
+    _check_model(model, opt, torch.randn(2, 3, 7))
+
+
+def test_optimize_is_idempotent_and_reports_existing_chains():
+    opt = optimize(DenseNet())
+    again, report = optimize(opt, return_report=True)
+    assert len(_calls(again, dense_chain)) == 1
+    assert len(report.sites) == 4 and all(s.already_fused for s in report.sites)
+    wrapped = nn.Sequential(DenseChain(7, 3, 2, "relu"))
+    report = explain(wrapped)
+    assert [s.module for s in report.sites] == ["0.layers.0", "0.layers.1"]
+    assert all(s.already_fused for s in report.sites)
+
+
+@pytest.mark.parametrize(
+    "keep, chains",
+    [((1,), [2, 2]), ((0,), [3]), ((2,), [3]), ((0, 2), [2])],
+    ids=["middle", "first", "third", "two"],
+)
+def test_escaping_intermediates_end_the_chain(keep, chains):
+    model = DenseNet(keep=keep)
+    opt, report = optimize(model, return_report=True)
+    assert [len(n.args[1]) for n in _calls(opt, dense_chain)] == chains
+    # every layer is still fused: outside a chain, a lone step becomes fused_linear_cat
+    assert len(report.fused) == 4 and not report.left
+    outs = _check_model(model, opt, torch.randn(5, 7))
+    kept = outs[1].detach().clone()
+    outs[0].detach().add_(1)  # the final buffer does not alias the returned intermediate
+    assert torch.equal(outs[1], kept)
+
+
+def test_mixed_activations_split_chains():
+    class Mixed(DenseNet):
+        def forward(self, x):
+            h = x
+            for i, fc in enumerate(self.fcs):
+                h = torch.cat([(torch.tanh if i == 2 else F.relu)(fc(h)), h], -1)
+            return h
+
+    model = Mixed()
+    opt = optimize(model)
+    assert [len(n.args[1]) for n in _calls(opt, dense_chain)] == [2]  # layers 0-1; 3 lone
+    _check_model(model, opt, torch.randn(4, 7))
+
+
+def test_in_place_op_inside_the_chain_blocks_it():
+    class Mutating(DenseNet):
+        def forward(self, x):
+            h = x
+            for i, fc in enumerate(self.fcs):
+                h = torch.cat([F.relu(fc(h)), h], -1)
+                if i == 1:
+                    x.mul_(2)  # x is read again by nothing, but it is the chain's input
+            return h
+
+    opt = optimize(Mutating())
+    assert not _calls(opt, dense_chain)
+
+
+def test_no_chain_for_shortcut_first_or_extra_users():
+    class OldestFirst(DenseNet):
+        def forward(self, x):
+            h = x
+            for fc in self.fcs:
+                h = torch.cat([h, F.relu(fc(h))], -1)
+            return h
+
+    class Reused(DenseNet):
+        def forward(self, x):
+            h = x
+            for fc in self.fcs:
+                y = F.relu(fc(h))
+                h = torch.cat([y, h], -1) + 0 * y.sum()
+            return h
+
+    for cls in (OldestFirst, Reused):
+        model = cls()
+        opt = optimize(model)
+        assert not _calls(opt, dense_chain), cls.__name__
+        _check_model(model, opt, torch.randn(3, 7))
+
+
+def test_optimize_with_example_inputs_and_positive_cat_dim():
+    class Dim1(DenseNet):
+        def forward(self, x):
+            h = x
+            for fc in self.fcs:
+                h = torch.cat([F.gelu(fc(h)), h], 1)
+            return h
+
+    model = Dim1()
+    assert not _calls(optimize(model), dense_chain)  # rank unknown without shapes
+    opt = optimize(model, torch.randn(3, 7))
+    assert len(_calls(opt, dense_chain)) == 1
+    _check_model(model, opt, torch.randn(3, 7))
