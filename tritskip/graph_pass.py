@@ -13,6 +13,9 @@
 
 into one call of :func:`~tritskip.functional.fused_linear` or
 :func:`~tritskip.functional.fused_linear_cat`. A chain needs at least one step after the Linear.
+Two or more DenseNet-style steps in a row (``h = torch.cat([act(fc(h)), h], -1)``, each
+concatenation feeding only the next step) become one :func:`~tritskip.dense_chain.dense_chain`
+call that fills a single buffer instead (rules in :mod:`tritskip.dense_chain_pass`).
 :func:`explain` reports the same sites without changing anything.
 
 What the rewrite assumes and keeps:
