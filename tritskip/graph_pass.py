@@ -337,7 +337,8 @@ def _graph_module(src: nn.Module, graph: Graph, constants: dict[str, Any]) -> Gr
     gm.__dict__.update(_copy_containers(src.__dict__))
     gm.training = src.training
     for key, value in src.__dict__.items():
-        if key not in gm.__dict__:
+        # A compiled call (``Module.compile()``) would run the source's own forward.
+        if key not in gm.__dict__ and key != "_compiled_call_impl":
             gm.__dict__[key] = value
     for key, value in constants.items():
         if "." not in key:
