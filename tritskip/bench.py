@@ -41,7 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="leave out the torch.compile anchors")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting torch.compile work past this many seconds "
-                        "(default: 270 on CUDA, none on CPU; 0 disables)")  # fmt: skip
+                        "(default: 270 on CUDA, 120 with --quick; 45 for a quick CPU run, else none; "
+                        "0 disables)")  # fmt: skip
+    parser.add_argument("--scaling-depths", type=_int_list, default=None,
+                        help="residual-MLP depths for timing optimize() (default 10,100,1000)")  # fmt: skip
     parser.add_argument("--no-scaling", action="store_true",
                         help="skip timing optimize() against depth")  # fmt: skip
     parser.add_argument("--threads", type=int, default=1,
@@ -78,7 +81,7 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
         anchors = [a for a in (anchors or ["eager", "addmm"]) if a in ("eager", "addmm")]
     plan = make_plan(device, args.quick, workloads=args.workloads, widths=args.widths,
                      rows=args.rows, anchors=anchors, budget_s=args.budget_s,
-                     scaling_depths=() if args.no_scaling else None)  # fmt: skip
+                     scaling_depths=() if args.no_scaling else args.scaling_depths)  # fmt: skip
     cases = len(plan.cases())
     where = device if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"tritskip bench: {where}, {str(plan.dtype).replace('torch.', '')}, {cases} cases, "

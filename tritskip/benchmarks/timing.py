@@ -191,7 +191,7 @@ class CudaTimer:
 def make_timer(device: str, quick: bool) -> CpuTimer | CudaTimer:
     if device == "cuda":
         return CudaTimer(warmup_ms=10 if quick else 25, rep_ms=40 if quick else 100)
-    return CpuTimer(max_time=0.08 if quick else 0.4, min_rounds=5)
+    return CpuTimer(max_time=0.1 if quick else 0.4, min_rounds=5)
 
 
 def wall(fn: Callable[[], object], timer: CpuTimer | CudaTimer) -> float:
