@@ -427,9 +427,21 @@ def test_symbolic_trace_keeps_the_fused_call():
     net = d(nn.Sequential(Residual(nn.Linear(3, 3), "relu"), ConcatSkip(nn.Linear(3, 2), "tanh")))
     traced = torch.fx.symbolic_trace(net)
     targets = {n.target.__name__ for n in traced.graph.nodes if n.op == "call_function"}
-    assert targets == {"_fused_linear", "_fused_linear_cat"}
+    assert targets == {"fused_linear", "fused_linear_cat"}
     x = rand(4, 3)
     torch.testing.assert_close(traced(x), net(x), **TOL)
+
+
+def test_graph_pass_counts_blocks_as_fused():
+    from tritskip.graph_pass import optimize
+
+    net = d(
+        nn.Sequential(Residual(nn.Linear(3, 3), nn.LeakyReLU(0.2)), ConcatSkip(nn.Linear(3, 2)))
+    )
+    optimized, report = optimize(net, rand(4, 3), return_report=True)
+    assert [s.already_fused for s in report.sites] == [True, True], str(report)
+    x = rand(4, 3)
+    torch.testing.assert_close(optimized(x), net(x), **TOL)
 
 
 # --- argument checks ---------------------------------------------------------------------------

@@ -84,38 +84,23 @@ _ELEMENTWISE_MODULES = (
 )
 
 
-_NO_ACTIVATION = ("identity", 0.01)
+# Symbolic tracing records the fused calls as single nodes instead of tracing into their input
+# checks, so a model built from these blocks traces as a whole (and the graph pass counts these
+# calls as already fused).
+torch.fx.wrap("fused_linear")
+torch.fx.wrap("fused_linear_cat")
 
 
-def _fused_linear(x, weight, bias, *, residual, gamma=None, alpha=1.0,
-                  activation=_NO_ACTIVATION, layer_activation=_NO_ACTIVATION):  # fmt: skip
-    """:func:`fused_linear` taking activations as ``(name, negative_slope)``.
+def _arg(act: Activation) -> str | Activation | None:
+    """``act`` as the fused functions take it: a plain name unless it carries a custom slope.
 
-    Only plain values cross this call, so ``torch.fx`` can record it as one node.
+    Plain values keep the call recordable by any ``torch.fx`` tracer.
     """
-    return fused_linear(
-        x, weight, bias, residual=residual, gamma=gamma, alpha=alpha,
-        activation=Activation(*activation), layer_activation=Activation(*layer_activation),
-    )  # fmt: skip
-
-
-def _fused_linear_cat(x, weight, bias, *, shortcut, layer_activation=_NO_ACTIVATION,
-                      shortcut_first=False):  # fmt: skip
-    """:func:`fused_linear_cat` taking the activation as ``(name, negative_slope)``."""
-    return fused_linear_cat(
-        x, weight, bias, shortcut=shortcut, layer_activation=Activation(*layer_activation),
-        shortcut_first=shortcut_first,
-    )  # fmt: skip
-
-
-def _spec(act: Activation) -> tuple[str, float]:
-    return act.name, act.negative_slope
-
-
-# Symbolic tracing records these as single calls instead of tracing into their input checks,
-# so a model built from these blocks traces as a whole.
-torch.fx.wrap("_fused_linear")
-torch.fx.wrap("_fused_linear_cat")
+    if act.is_identity:
+        return None
+    if act.name == "leaky_relu" and act.negative_slope != Activation().negative_slope:
+        return act
+    return act.name
 
 
 # --- activations -------------------------------------------------------------------------------
@@ -361,12 +346,12 @@ class SkipConnection(nn.Module):
             h = _run(tail.prefix, x)
             lin, inner = tail.linear, tail.inner
             if merge == "cat":
-                return _fused_linear_cat(
-                    h, lin.weight, lin.bias, shortcut=x, layer_activation=_spec(inner)
+                return fused_linear_cat(
+                    h, lin.weight, lin.bias, shortcut=x, layer_activation=_arg(inner)
                 )
             alpha = -1.0 if merge == "sub" else 1.0
-            return _fused_linear(
-                h, lin.weight, lin.bias, residual=x, alpha=alpha, layer_activation=_spec(inner)
+            return fused_linear(
+                h, lin.weight, lin.bias, residual=x, alpha=alpha, layer_activation=_arg(inner)
             )
         y = self.layer(x)
         if self.connection == "add":
@@ -477,8 +462,8 @@ class Residual(nn.Module):
             r = x if _is_identity(self.shortcut) else self.shortcut(x)
             lin, inner = tail.linear, tail.inner
             fused = outer if outer is not None else Activation()
-            y = _fused_linear(h, lin.weight, lin.bias, residual=r, gamma=self.scale,
-                              activation=_spec(fused), layer_activation=_spec(inner))  # fmt: skip
+            y = fused_linear(h, lin.weight, lin.bias, residual=r, gamma=self.scale,
+                             activation=_arg(fused), layer_activation=_arg(inner))  # fmt: skip
             return y if outer is not None else self.activation(y)
         y = self.layer(x)
         if self.scale is not None:
@@ -531,9 +516,9 @@ class ConcatSkip(nn.Module):
             h = _run(tail.prefix, x)
             inner = tail.inner if act.is_identity else act
             lin = tail.linear
-            return _fused_linear_cat(h, lin.weight, lin.bias, shortcut=x,
-                                     layer_activation=_spec(inner),
-                                     shortcut_first=self.shortcut_first)  # fmt: skip
+            return fused_linear_cat(h, lin.weight, lin.bias, shortcut=x,
+                                    layer_activation=_arg(inner),
+                                    shortcut_first=self.shortcut_first)  # fmt: skip
         y = self.layer(x)
         if self.activation is not None:
             y = self.activation(y)
@@ -597,10 +582,10 @@ class Parallel(nn.Module):
         h = _run(tail.prefix, xs[-1])
         lin, inner = tail.linear, tail.inner
         if merge == "add":
-            return _fused_linear(h, lin.weight, lin.bias, residual=_add(*others),
-                                 layer_activation=_spec(inner))  # fmt: skip
-        return _fused_linear_cat(h, lin.weight, lin.bias, shortcut=_cat(*others),
-                                 layer_activation=_spec(inner), shortcut_first=True)  # fmt: skip
+            return fused_linear(h, lin.weight, lin.bias, residual=_add(*others),
+                                layer_activation=_arg(inner))  # fmt: skip
+        return fused_linear_cat(h, lin.weight, lin.bias, shortcut=_cat(*others),
+                                layer_activation=_arg(inner), shortcut_first=True)  # fmt: skip
 
     def extra_repr(self) -> str:
         if isinstance(self.connection, nn.Module):
