@@ -90,7 +90,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     console = Console()
-    results = run_demo(epochs=args.epochs, seed=args.seed, quick=args.quick, console=console)
+    results = run_demo(
+        epochs=args.epochs, seed=args.seed, quick=args.quick, device=args.device, console=console
+    )
     failures = [f for r in results for f in r.failures]
     for failure in failures:
         console.print(f"[bold red]FAILED[/] {failure}")
@@ -106,9 +108,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "and compare loss curves, accuracy and time per epoch. Exits non-zero when the curves "
         "disagree or an accuracy stays below 0.9.",
     )
-    p.add_argument("--epochs", type=_positive, default=None, help="epochs (default 20, quick 8)")
+    p.add_argument("--epochs", type=_positive, default=None, help="epochs (default 15, quick 4)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, split and batch order")
     p.add_argument("--quick", action="store_true", help="fewer epochs, for a smoke test")
+    p.add_argument("--device", default="cpu", help="device to train on, e.g. cpu or cuda")
     p.set_defaults(run=_run_demo)
 
 
