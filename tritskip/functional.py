@@ -9,15 +9,19 @@ contiguity.
 The fused op is used when the inputs allow it: floating tensors on one device, at least 2-D,
 ``x``, ``weight`` and ``bias`` of one dtype, a residual (or shortcut) of exactly the output's
 shape. The residual, shortcut and ``gamma`` may be of another floating dtype: the output then
-has the dtype eager's type promotion gives (on the Triton path, only where that is ``x``'s
-dtype). Anything else (broadcasting residuals, 1-D inputs, a matmul in mixed dtypes) runs the
-eager composition, which also produces eager's own errors for inputs eager rejects.
+has the dtype eager's type promotion gives. Anything else (broadcasting residuals, 1-D inputs,
+a matmul in mixed dtypes) runs the eager composition, which also produces eager's own errors
+for inputs eager rejects.
 
 Inside an autocast region the inputs of the matmul are cast the way autocast casts ``linear``
 (floating tensors other than float64, to the region's dtype) and the epilogue then promotes as
 eager does, so ``x + fc(x)`` with an fp32 ``x`` under bf16 autocast is fused and returns fp32,
 with gradients in each input's own dtype. The fused result differs from eager only by rounding:
 eager rounds the matmul to bf16 before the add, the fused op does not.
+
+Under ``torch.func`` transforms that differentiate (``grad``, ``vjp``, ``jacrev``, ``jvp``)
+and in forward-mode AD the eager composition runs, since those cannot use the op's autograd
+formula; ``torch.vmap`` alone uses the op through its batching rule.
 
 Everything here is plain tensor-metadata logic, so ``torch.compile(fullgraph=True)`` traces it
 without graph breaks.
@@ -29,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .epilogue import Activation
-from .ops import backward_from_output, linear_epilogue, out_dtype, uses_triton
+from .ops import backward_from_output, linear_epilogue
 
 __all__ = ["eager_linear_cat", "eager_linear_epilogue", "fused_linear", "fused_linear_cat"]
 
@@ -66,9 +70,32 @@ def eager_linear_cat(x, weight, bias=None, *, shortcut, gamma=None, layer_activa
     return torch.cat([shortcut, y] if shortcut_first else [y, shortcut], dim=-1)
 
 
+_AUTODIFF_TRANSFORMS = (
+    torch._C._functorch.TransformType.Grad,
+    torch._C._functorch.TransformType.Jvp,
+)
+
+
+def _autodiff_without_formula() -> bool:
+    """Whether a differentiation mode that cannot use the op's autograd formula is active.
+
+    ``torch.func`` transforms that differentiate (grad, vjp, jacrev, jvp) do not see a formula
+    registered on a custom op (pytorch/pytorch#168393, open in 2.13), and custom ops have no
+    forward-mode formula for ``torch.autograd.forward_ad``. The eager composition runs there.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    stack = torch._C._functorch.get_interpreter_stack()
+    return stack is not None and any(level.key() in _AUTODIFF_TRANSFORMS for level in stack)
+
+
 def _fusable(x, weight, bias, gamma, extra, extra_shape) -> bool:
     """Whether the fused op reproduces eager for these inputs (see module docstring)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
+        return False
+    if _autodiff_without_formula():
         return False
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or weight.dtype != x.dtype:
         return False
@@ -83,13 +110,7 @@ def _fusable(x, weight, bias, gamma, extra, extra_shape) -> bool:
         if extra.shape != extra_shape or not extra.is_floating_point():
             return False
         tensors.append(extra)
-    if any(t.device != x.device for t in tensors):
-        return False
-    # A residual and a shortcut promote alike, so either slot gives the output dtype.
-    # TODO: fuse the promoting case on the Triton path too once its wrapper allocates the
-    # output in the promoted dtype (the kernel already converts on load and store).
-    gamma_t = gamma if isinstance(gamma, torch.Tensor) else None
-    return out_dtype(x, gamma_t, extra, None) == x.dtype or not uses_triton(x)
+    return all(t.device == x.device for t in tensors)
 
 
 def _autocast_inputs(x, weight, bias):

@@ -18,10 +18,11 @@ Dispatch of the forward:
   in-place epilogue steps.
 
 Under ``torch.compile`` the op is decomposed (it is a ``torch.library.triton_op`` when Triton
-is installed): Inductor sees the Triton kernel launch, or the PyTorch path's aten ops, instead
-of an opaque call. ``torch.export`` keeps it as one ``tritskip.linear_epilogue`` node. Where
-the kernel launch cannot be traced (the interpreter), a compiled graph calls it through the
-opaque ``tritskip::linear_epilogue_kernel`` op.
+is installed): Inductor sees the Triton kernel launches, or the PyTorch path's aten ops, instead
+of an opaque call; ``torch.export`` keeps it as one ``tritskip.linear_epilogue`` node. A traced
+forward or backward takes the Triton kernels only when their launches can be captured (each
+wrapped in ``torch.library.wrap_triton``); otherwise, and always under the interpreter, whose
+kernels need real data, it takes the PyTorch path and Inductor generates the fused code itself.
 
 The backward uses PyTorch matmuls on ``g = dy * act'(.)``. ``torch.vmap`` is supported by a
 batching rule.
@@ -172,7 +173,7 @@ def _forward(x, weight, bias, residual, gamma, shortcut, gamma_scalar, alpha, in
     r2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
     s2 = None if shortcut is None else shortcut.reshape(-1, shortcut.shape[-1])
     inner_act, outer_act = Activation(inner, inner_slope), Activation(outer, outer_slope)
-    if uses_triton(x):
+    if _kernel_path(x):
         from .kernels.linear_epilogue import linear_epilogue_forward
 
         out, z = linear_epilogue_forward(
@@ -208,43 +209,23 @@ def _traced(x: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _kernel_launch_traceable() -> bool:
-    """Whether tracing the Triton wrapper captures its kernel (launched via ``wrap_triton``).
-
-    Under the interpreter the kernels are plain Python functions that need real data.
-    """
+def _launches_capturable() -> bool:
+    """Whether tracing the Triton wrappers records their kernels (launched via ``wrap_triton``)."""
     if _interpreting():
         return False
     from torch._library.triton import get_inner_triton_kernels
 
     from .kernels.linear_epilogue import linear_epilogue_forward
+    from .kernels.linear_epilogue_backward import linear_epilogue_backward
 
-    return bool(get_inner_triton_kernels(linear_epilogue_forward))
-
-
-@torch.library.custom_op("tritskip::linear_epilogue_kernel", mutates_args=())
-def _linear_epilogue_kernel(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    residual: torch.Tensor | None,
-    gamma: torch.Tensor | None,
-    shortcut: torch.Tensor | None,
-    gamma_scalar: float,
-    alpha: float,
-    inner: str,
-    inner_slope: float,
-    outer: str,
-    outer_slope: float,
-    shortcut_first: bool,
-    save_z: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward of ``linear_epilogue`` as an opaque op, for graphs that cannot see the kernel."""
-    return _forward(x, weight, bias, residual, gamma, shortcut, gamma_scalar, alpha, inner,
-                    inner_slope, outer, outer_slope, shortcut_first, save_z)  # fmt: skip
+    return all(
+        get_inner_triton_kernels(f) for f in (linear_epilogue_forward, linear_epilogue_backward)
+    )
 
 
-_linear_epilogue_kernel.register_fake(_fake)
+def _kernel_path(x: torch.Tensor) -> bool:
+    """Whether the op runs the Triton kernels for ``x`` here (see the module docstring)."""
+    return uses_triton(x) and (not _traced(x) or _launches_capturable())
 
 
 def _linear_epilogue(
@@ -264,11 +245,8 @@ def _linear_epilogue(
     save_z: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused ``outer(gamma * inner(x @ W.T + b) + alpha * r)``; inputs are already validated."""
-    args = (x, weight, bias, residual, gamma, shortcut, gamma_scalar, alpha, inner, inner_slope,
-            outer, outer_slope, shortcut_first, save_z)  # fmt: skip
-    if uses_triton(x) and _traced(x) and not _kernel_launch_traceable():
-        return _linear_epilogue_kernel(*args)
-    return _forward(*args)
+    return _forward(x, weight, bias, residual, gamma, shortcut, gamma_scalar, alpha, inner,
+                    inner_slope, outer, outer_slope, shortcut_first, save_z)  # fmt: skip
 
 
 # A triton_op is decomposed under torch.compile, so Inductor sees what runs; without Triton a
@@ -276,6 +254,46 @@ def _linear_epilogue(
 _define = torch.library.triton_op if triton_available() else torch.library.custom_op
 linear_epilogue = _define("tritskip::linear_epilogue", mutates_args=())(_linear_epilogue)
 linear_epilogue.register_fake(_fake)
+
+
+def _vmap(info, in_dims, x, weight, bias, residual, gamma, shortcut, *settings):
+    """Batching rule: a batch over the activations becomes one more leading dim of ``x``.
+
+    Batched parameters (an ensemble of weights) run one op call per batch entry.
+    """
+    save_z = settings[-1]
+    tensors = (x, weight, bias, residual, gamma, shortcut)
+    dims = in_dims[:6]
+    if dims[1] is None and dims[2] is None and dims[4] is None:
+
+        def leading(t, d):
+            if t is None:
+                return None
+            return t.movedim(d, 0) if d is not None else t.expand(info.batch_size, *t.shape)
+
+        x, residual, shortcut = (
+            leading(x, dims[0]),
+            leading(residual, dims[3]),
+            leading(shortcut, dims[5]),
+        )
+        result = linear_epilogue(x, weight, bias, residual, gamma, shortcut, *settings)
+        return result, (0, 0 if save_z else None)
+    results = [
+        linear_epilogue(
+            *(
+                t if d is None or t is None else t.select(d, i)
+                for t, d in zip(tensors, dims, strict=True)
+            ),
+            *settings,
+        )
+        for i in range(info.batch_size)
+    ]
+    out = torch.stack([r[0] for r in results])
+    z = torch.stack([r[1] for r in results]) if save_z else results[0][1]
+    return (out, z), (0, 0 if save_z else None)
+
+
+linear_epilogue.register_vmap(_vmap)
 
 
 def backward_from_output(inner: Activation, outer: Activation, has_residual: bool,
@@ -350,7 +368,7 @@ def _backward(ctx, grad_out, _grad_z):
 
     needs = ctx.needs_input_grad
     ds = grad_out[..., s_cols].to(ctx.shortcut_dtype) if needs[5] else None
-    if uses_triton(x) and x.shape[-1] > 0 and n > 0:
+    if _kernel_path(x) and x.shape[-1] > 0 and n > 0:
         return (*_triton_backward(ctx, grad_out, x, weight, gamma, residual, out, z, y_cols), ds,
                 None, None, None, None, None, None, None, None)  # fmt: skip
 
