@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tritskip.dense_chain import DenseChain, dense_chain, eager_dense_chain
-from tritskip.graph_pass import explain, optimize
+from tritskip.graph_pass import explain, fuse_graph, optimize
 
 ACTS = ["relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid", "identity"]
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -406,3 +406,22 @@ def test_optimize_with_example_inputs_and_positive_cat_dim():
     opt = optimize(model, torch.randn(3, 7))
     assert len(_calls(opt, dense_chain)) == 1
     _check_model(model, opt, torch.randn(3, 7))
+
+
+def test_dynamo_backend_fuses_chains(monkeypatch):
+    import tritskip.graph_pass as graph_pass
+
+    rewritten = []
+
+    def recording_fuse_graph(gm, **kwargs):
+        sites = fuse_graph(gm, **kwargs)
+        rewritten.append([len(n.args[1]) for n in _calls(gm, dense_chain)])
+        return sites
+
+    monkeypatch.setattr(graph_pass, "fuse_graph", recording_fuse_graph)
+    torch._dynamo.reset()
+    model = DenseNet().double()
+    compiled = torch.compile(model, backend=graph_pass.dynamo_backend)
+    x = torch.randn(3, 7, dtype=torch.float64)
+    _assert_close(compiled(x), model(x), "output")
+    assert rewritten == [[4]]
