@@ -106,12 +106,16 @@ def _arg(act: Activation) -> str | Activation | None:
 # --- activations -------------------------------------------------------------------------------
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
+    """Whether ``m`` has hooks that only fire when the module itself is called."""
+    return any(getattr(m, name, None) for name in _HOOK_DICTS)
 
 
 def _global_hooks() -> bool:
-    return bool(_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
+    return any(getattr(_module_hooks, f"_global{name}", None) for name in _HOOK_DICTS)
 
 
 def _module_activation(m: nn.Module) -> Activation | None:
@@ -240,7 +244,7 @@ def _run(modules: Iterable[nn.Module], x: Any) -> Any:
     return x
 
 
-def _first_linear_like(layer: nn.Module, from_end: bool) -> nn.Module | None:
+def _width_module(layer: nn.Module, from_end: bool) -> nn.Module | None:
     """The Linear (or LayerNorm) that fixes ``layer``'s input or output width, if one does."""
     if isinstance(layer, (nn.Linear, nn.LayerNorm)):
         return layer
@@ -249,13 +253,13 @@ def _first_linear_like(layer: nn.Module, from_end: bool) -> nn.Module | None:
     for m in reversed(layer) if from_end else layer:
         if isinstance(m, _ELEMENTWISE_MODULES):
             continue
-        return _first_linear_like(m, from_end)
+        return _width_module(m, from_end)
     return None
 
 
 def _width(layer: nn.Module, side: str) -> int | None:
     """``in_features``/``out_features`` of a Linear or a Sequential of Linears, else ``None``."""
-    m = _first_linear_like(layer, from_end=side == "out")
+    m = _width_module(layer, from_end=side == "out")
     if isinstance(m, nn.Linear):
         return m.out_features if side == "out" else m.in_features
     if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
