@@ -111,9 +111,12 @@ def load_digits_split(seed: int = 0, device: str | torch.device = "cpu") -> Digi
     scaler = StandardScaler().fit(x_train)
 
     def features(a):
-        return torch.tensor(scaler.transform(a), dtype=torch.float32)
+        return torch.tensor(scaler.transform(a), dtype=torch.float32, device=device)
 
-    return Digits(features(x_train), torch.tensor(y_train), features(x_test), torch.tensor(y_test))
+    def labels(a):
+        return torch.tensor(a, device=device)
+
+    return Digits(features(x_train), labels(y_train), features(x_test), labels(y_test))
 
 
 @dataclass
@@ -224,10 +227,11 @@ def run_demo(
         for name, build in MODELS.items():
             torch.manual_seed(seed)
             initial = build().to(device)
-            fused, report = optimize(copy.deepcopy(initial), example, return_report=True)
-            # Epochs alternate between the two so that machine noise falls on both alike.
+            # optimize() shares the Parameters of its input, so the eager run trains a copy.
+            fused, report = optimize(initial, example, return_report=True)
             eager = Trainer(copy.deepcopy(initial), data, seed)
             optimized = Trainer(fused, data, seed)
+            # Epochs alternate between the two so that machine noise falls on both alike.
             task = progress.add_task(name, total=epochs)
             for _ in range(epochs):
                 eager.epoch()
