@@ -86,3 +86,22 @@ def test_results_folder_is_named_by_date_and_device(tmp_path):
     result = run(plan, progress=False)
     paths = write_results(result, tmp_path, make_plot=False)
     assert paths["json"].parent.name == f"{result.meta['date']}-{result.meta['device_name']}"
+
+
+def test_prewarm_workers_split_the_configs_and_launch_nothing():
+    from types import SimpleNamespace
+
+    from tritskip.benchmarks.prewarm import _build_only
+
+    built = []
+    configs = [SimpleNamespace(all_kwargs=lambda i=i: {"BLOCK": i}) for i in range(5)]
+    tuner = SimpleNamespace(
+        arg_names=["x", "n"], configs=configs, nargs=None,
+        prune_configs=lambda kwargs: configs[1:],  # the first config is pruned for this shape
+        fn=SimpleNamespace(warmup=lambda *a, **kw: built.append((a, kw))),
+    )  # fmt: skip
+    for index in range(2):
+        _build_only(index, 2)(tuner, "X", 7, grid=(1,), warmup=False)
+    assert sorted(kw["BLOCK"] for _, kw in built) == [1, 2, 3, 4]
+    assert all(a == ("X", 7) and "warmup" not in kw and kw["grid"] == (1,) for a, kw in built)
+    assert tuner.nargs is None

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="leave out the torch.compile anchors")  # fmt: skip
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop starting torch.compile work past this many seconds "
-                        "(default: 270 on CUDA, 120 with --quick; 45 for a quick CPU run, else none; "
+                        "(default: 255 on CUDA, 110 with --quick; 40 for a quick CPU run, else none; "
                         "0 disables)")  # fmt: skip
     parser.add_argument("--scaling-depths", type=_int_list, default=None,
                         help="residual-MLP depths for timing optimize() (default 10,100,1000)")  # fmt: skip

@@ -31,6 +31,7 @@ def to_json(result: RunResult) -> dict:
         "ratios": result.ratios(),
         "measurements": [m.as_dict(result.floors) for m in result.measurements],
         "optimize_scaling": result.scaling,
+        "skipped_cases": result.skipped_cases,
     }
 
 
@@ -113,6 +114,11 @@ def markdown(result: RunResult) -> str:
             lines += [f"Per-block cost at {b} blocks / at {a} blocks: "
                       f"{sc['per_block_growth']:.2f} ({'linear' if sc['linear'] else 'NOT linear'})."
                       , ""]  # fmt: skip
+
+    if data["skipped_cases"]:
+        lines += ["## Cases not run", ""]
+        lines += [f"- {c['workload']} at width {c['width']}: {c['reason']}"
+                  for c in data["skipped_cases"]] + [""]  # fmt: skip
 
     lines += ["## Phase times", ""]
     lines += _table(["phase", "seconds"],

@@ -53,12 +53,11 @@ class CheckFailed(RuntimeError):
 
 @dataclass
 class Plan:
-    """What one run measures. ``widths``/``rows`` are keyed by workload kind ("op", "model")."""
+    """What one run measures: ``widths`` per workload name, ``rows`` per kind ("op", "model")."""
 
     device: str
     dtype: torch.dtype
     quick: bool
-    workloads: list[str]
     widths: dict[str, list[int]]
     rows: dict[str, int]
     anchors: list[str]
@@ -67,14 +66,22 @@ class Plan:
     l2_bytes: int = 50 * 2**20
     scaling_depths: tuple[int, ...] = (10, 100, 1000)
     scaling_runs: int = 3
+    prewarm: bool = False
     seed: int = 0
 
+    @property
+    def workloads(self) -> list[str]:
+        return [name for name in WORKLOADS if self.widths.get(name)]
+
     def cases(self) -> list[tuple[Workload, int]]:
-        return [
-            (WORKLOADS[name], width)
-            for name in self.workloads
-            for width in self.widths[WORKLOADS[name].kind]
-        ]
+        """(workload, width) in priority order: op-level first, the chain of 16 shapes last."""
+        return [(WORKLOADS[name], width) for name in self.workloads for width in self.widths[name]]
+
+
+def _widths(op: list[int], model: list[int], **special: list[int]) -> dict[str, list[int]]:
+    out = {name: list(op if w.kind == "op" else model) for name, w in WORKLOADS.items()}
+    out.update(special)
+    return out
 
 
 def make_plan(
@@ -90,43 +97,50 @@ def make_plan(
 ) -> Plan:
     """The default plan for a device, sized for this repository's time limits.
 
-    CPU (2 cores in CI): fp32, small rows; ``quick`` runs in under a minute: one interleaved
-    round per variant, and ``torch.compile`` only while the run is under 45 s. CUDA (an H200): bf16, rows large enough that every op is well past launch
-    overhead, at most 5 minutes including Triton autotuning and ``torch.compile``; the budget
-    guard skips the remaining ``max-autotune`` compilations (with the reason recorded) rather
-    than overrun.
+    CPU (2 cores): fp32, 512 rows; ``quick`` runs in under a minute (one interleaved round per
+    variant; ``torch.compile`` only while the run is under 40 s).
+
+    CUDA (an H200, one command, 5 minutes including every compilation): bf16, rows large enough
+    that each op is past launch overhead. What costs time on a cold machine is compiling (Triton
+    builds every tile config for every epilogue, inductor builds every graph) and autotuning (one
+    key per distinct Linear shape: the 16-layer chain alone has 48). So the op-level workloads
+    get three widths either side of the ridge (N ~ 400), each model one width, and the chain the
+    narrowest; Triton configs are compiled in parallel processes first, and a time budget skips
+    the compile anchors of the last cases (recorded with the reason) rather than overrun.
     """
     if device == "cuda":
         if quick:
-            plan_widths = {"op": [256, 2048], "model": [1024]}
+            plan_widths = _widths([256, 2048], [1024], policy_mlp=[128], dense_chain16=[])
         else:
-            plan_widths = {"op": [128, 256, 512, 1024, 2048, 4096], "model": [256, 1024, 2048]}
+            plan_widths = _widths([256, 1024, 4096], [1024], policy_mlp=[128],
+                                  dense_chain16=[256])  # fmt: skip
         plan = Plan(
-            device, torch.bfloat16, quick, list(WORKLOADS), plan_widths,
-            rows={"op": 32768, "model": 16384}, anchors=list(ANCHORS), repeats=1,
-            budget_s=120.0 if quick else 270.0,
+            device, torch.bfloat16, quick, plan_widths, rows={"op": 32768, "model": 16384},
+            anchors=list(ANCHORS), repeats=1, budget_s=110.0 if quick else 255.0, prewarm=True,
         )  # fmt: skip
         props = torch.cuda.get_device_properties(0)
         plan.l2_bytes = int(getattr(props, "L2_cache_size", 0) or plan.l2_bytes)
+        plan.scaling_runs = 1 if quick else 3
     else:
         if quick:
-            plan_widths = {"op": [64, 256], "model": [128]}
+            plan_widths = _widths([64, 256], [128])
         else:
-            plan_widths = {"op": [64, 128, 256, 512, 1024], "model": [64, 128, 256, 512]}
+            plan_widths = _widths([64, 128, 256, 512, 1024], [64, 128, 256, 512])
         plan = Plan(
-            device, torch.float32, quick, list(WORKLOADS), plan_widths,
-            rows={"op": 512, "model": 512}, anchors=[a for a in ANCHORS if a != "max-autotune"],
-            repeats=1 if quick else 3, budget_s=45.0 if quick else None,
+            device, torch.float32, quick, plan_widths, rows={"op": 512, "model": 512},
+            anchors=[a for a in ANCHORS if a != "max-autotune"], repeats=1 if quick else 3,
+            budget_s=40.0 if quick else None,
         )  # fmt: skip
-        if quick:
-            plan.scaling_runs = 1
+        plan.scaling_runs = 1 if quick else 3
     if workloads:
         unknown = sorted(set(workloads) - set(WORKLOADS))
         if unknown:
             raise ValueError(f"unknown workloads {unknown}; expected some of {list(WORKLOADS)}")
-        plan.workloads = list(workloads)
+        plan.widths = {name: (ws if name in workloads else []) for name, ws in plan.widths.items()}
+        for name in workloads:  # a workload the default plan leaves out gets the model widths
+            plan.widths[name] = plan.widths[name] or plan.widths["residual_mlp8"] or [256]
     if widths:
-        plan.widths = {"op": list(widths), "model": list(widths)}
+        plan.widths = {name: (list(widths) if ws else []) for name, ws in plan.widths.items()}
     if rows:
         plan.rows = {"op": rows, "model": rows}
     if anchors is not None:
@@ -160,6 +174,7 @@ class Measurement:
     compile_s: float | None = None
     flops: float = 0.0
     min_bytes: float = 0.0
+    reference_ms: float | None = None  # tritskip's median, timed interleaved with this cell
 
     def as_dict(self, floors: dict) -> dict:
         out = {
@@ -168,6 +183,7 @@ class Measurement:
             "reason": self.reason, "time_ms": self.timing.as_dict() if self.timing else None,
             "peak_mb": None if self.peak_bytes is None else self.peak_bytes / 2**20,
             "compile_s": self.compile_s, "flops": self.flops, "min_bytes": self.min_bytes,
+            "tritskip_ms": self.reference_ms,
         }  # fmt: skip
         if self.timing:
             seconds = self.timing.median * 1e-3
@@ -194,22 +210,21 @@ class RunResult:
     checks: list[dict] = field(default_factory=list)
     measurements: list[Measurement] = field(default_factory=list)
     scaling: dict = field(default_factory=dict)
+    skipped_cases: list[dict] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def ratios(self) -> list[dict]:
-        """``anchor / tritskip`` per (workload, width, mode, anchor), from medians."""
-        base = {
-            (m.workload, m.width, m.mode): m.timing.median
-            for m in self.measurements
-            if m.variant == "tritskip" and m.timing
-        }
+        """``anchor / tritskip`` per (workload, width, mode, anchor), from medians.
+
+        The tritskip time is the one measured interleaved with that anchor (in the same block of
+        rounds), so a drift of the machine between blocks does not enter the ratio.
+        """
         out = []
         for m in self.measurements:
-            key = (m.workload, m.width, m.mode)
-            if m.variant == "tritskip" or not m.timing or key not in base:
+            if m.variant == "tritskip" or not m.timing or not m.reference_ms:
                 continue
             out.append({"workload": m.workload, "width": m.width, "mode": m.mode,
-                        "anchor": m.variant, "ratio": m.timing.median / base[key]})  # fmt: skip
+                        "anchor": m.variant, "ratio": m.timing.median / m.reference_ms})  # fmt: skip
         return out
 
     def summary(self) -> list[dict]:
@@ -471,6 +486,22 @@ class _Progress:
             self.bar.close()
 
 
+class _Budget:
+    """Wall-clock budget of a run; ``allows(seconds)`` says whether that much work still fits."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.deadline = None if seconds is None else time.perf_counter() + seconds
+
+    def left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - time.perf_counter()
+
+    def allows(self, seconds: float) -> bool:
+        return self.left() >= seconds
+
+    def reason(self, needed: float) -> str:
+        return f"skipped: time budget ({max(0.0, self.left()):.0f} s left, needs ~{needed:.0f} s)"
+
+
 def _configure_dynamo() -> None:
     import torch._dynamo
 
@@ -482,19 +513,25 @@ def _configure_dynamo() -> None:
     )
 
 
-def run(plan: Plan, *, argv: list[str] | None = None, progress: bool = True,
-        echo: Callable[[str], None] = print) -> RunResult:  # fmt: skip
-    """Run the whole plan and return its results (nothing is written here; see ``report``)."""
+def run(plan: Plan, *, argv: list[str] | None = None, progress: bool = True) -> RunResult:
+    """Run the whole plan and return its results (nothing is written here; see ``report``).
+
+    Order: machine floors; (CUDA) parallel Triton builds; build and check every case, which
+    also autotunes the fused kernels; time tritskip, eager and addmm for every case; time
+    ``optimize()`` against depth; then, case by case while the budget allows, compile each
+    ``torch.compile`` anchor and time it against tritskip again. Raises :class:`CheckFailed` before any
+    timing when a fused result is wrong.
+    """
     result = RunResult(plan)
     phases = result.phases
     started = time.perf_counter()
-    deadline = None if plan.budget_s is None else started + plan.budget_s
+    budget = _Budget(plan.budget_s)
     timer = make_timer(plan.device, plan.quick)
     result.meta = collect_meta(plan, argv)
-    cases_plan = plan.cases()
+    planned = plan.cases()
     compiled = [a for a in plan.anchors if a in COMPILED]
-    timed_per_case = len(MODES) * (len(plan.anchors) + 1)
-    total = 1 + len(cases_plan) * (1 + timed_per_case) + len(plan.scaling_depths)
+    base = [a for a in plan.anchors if a not in COMPILED]
+    total = 1 + len(planned) * (2 + len(compiled)) + len(plan.scaling_depths)
     bar = _Progress(total, progress)
 
     # 1. Machine floors.
@@ -503,24 +540,36 @@ def run(plan: Plan, *, argv: list[str] | None = None, progress: bool = True,
     phases["roofline"] += time.perf_counter() - t
     bar.step("roofline")
 
-    # 2. Build and check every case before any timing.
+    # 2. Triton builds in parallel processes, so first calls find every config compiled.
+    if plan.prewarm and plan.device == "cuda":
+        from .prewarm import prewarm
+
+        t = time.perf_counter()
+        result.meta["prewarm"] = prewarm(plan, timeout=max(30.0, 0.4 * budget.left()))
+        phases["compile (Triton configs, parallel)"] += time.perf_counter() - t
+
+    # 3. Build and check every case before any timing; the first calls autotune.
     cases: list[Case] = []
     failures: list[str] = []
-    for workload, width in cases_plan:
+    per_case = 0.0
+    for workload, width in planned:
+        if cases and not budget.allows(2 * per_case + 10):
+            result.skipped_cases.append({"workload": workload.name, "width": width,
+                                         "reason": budget.reason(2 * per_case + 10)})  # fmt: skip
+            bar.step(f"skip {workload.name}@{width}", 2 + len(compiled))
+            continue
         t = time.perf_counter()
         try:
             case = build_case(plan, workload, width, phases)
-        except Exception as exc:  # a build error is a failed check: report it, stop below
-            failures.append(f"{workload.name}@{width}: building tritskip failed: {exc!r}")
-            phases["check"] += time.perf_counter() - t
-            bar.step(f"check {workload.name}@{width}", 1 + timed_per_case)
+            for mode in MODES:
+                with _grad_mode(mode):
+                    phases["autotune (tritskip first calls)"] += wall(
+                        step_fn(case, case.variants["tritskip"], mode), timer
+                    )
+        except Exception as exc:  # a build or first-call error fails the check: stop below
+            failures.append(f"{workload.name}@{width}: tritskip failed to run: {exc!r}"[:2000])
+            bar.step(f"check {workload.name}@{width}", 2 + len(compiled))
             continue
-        # First calls: Triton compilation and autotuning of the fused kernels for this shape.
-        for mode in MODES:
-            with _grad_mode(mode):
-                phases["autotune (tritskip first calls)"] += wall(
-                    step_fn(case, case.variants["tritskip"], mode), timer
-                )
         c = time.perf_counter()
         report = check_case(plan, case)
         phases["check"] += time.perf_counter() - c
@@ -528,37 +577,19 @@ def run(plan: Plan, *, argv: list[str] | None = None, progress: bool = True,
         if not report["ok"]:
             failures += [f"{case.key}: {f}" for f in report["failures"]]
         cases.append(case)
+        per_case = max(per_case, time.perf_counter() - t)
         bar.step(f"check {case.key}")
     if failures:
         bar.close()
-        raise CheckFailed("tritskip differs from the float64 oracle by more than eager does:\n  "
-                          + "\n  ".join(failures))  # fmt: skip
+        raise CheckFailed("tritskip differs from the float64 oracle by more than eager does, "
+                          "or does not run:\n  " + "\n  ".join(failures))  # fmt: skip
 
-    # 3. Compile anchors and time every variant, case by case.
-    if compiled:
-        _configure_dynamo()
-    compile_reason = compile_unavailable(plan.device) if compiled else None
-    estimates = {"compile": 5.0 if plan.device == "cpu" else 8.0, "max-autotune": 40.0}
-    spent: dict[str, list[float]] = defaultdict(list)
+    # 4. tritskip, eager and addmm for every case, interleaved.
     for case in cases:
-        for anchor in compiled:
-            _add_compiled(case, anchor, compile_reason, deadline, estimates, spent, timer, result)
-            failed = case.errors.get(anchor, "").startswith("torch.compile failed")
-            if failed and not any(spent.values()):
-                compile_reason = case.errors[anchor]  # the first compile failed: skip the rest
-        _time_case(plan, case, timer, result, bar)
-        if compiled:
-            import torch._dynamo
+        _time_case(plan, case, ["tritskip", *base], timer, result)
+        bar.step(f"time {case.key}")
 
-            torch._dynamo.reset()
-        case.variants.clear()
-        case.xs.clear()
-        case.grads.clear()
-    phases["compile (torch.compile first calls)"] = sum(spent["compile"])
-    if spent["max-autotune"]:
-        phases["compile (max-autotune first calls)"] = sum(spent["max-autotune"])
-
-    # 4. optimize() cost against depth.
+    # 5. optimize() cost against depth (CPU work; before the budgeted compile anchors).
     if plan.scaling_depths:
         from .scaling import time_optimize
 
@@ -566,23 +597,47 @@ def run(plan: Plan, *, argv: list[str] | None = None, progress: bool = True,
         result.scaling = time_optimize(plan.scaling_depths, runs=plan.scaling_runs,
                                        on_step=lambda d: bar.step(f"optimize x{d}"))  # fmt: skip
         phases["optimize scaling"] += time.perf_counter() - t
+
+    # 6. torch.compile anchors, case by case, while the budget allows.
+    if compiled:
+        _configure_dynamo()
+        reason = compile_unavailable(plan.device)
+        estimates = {"compile": 5.0 if plan.device == "cpu" else 8.0, "max-autotune": 40.0}
+        spent: dict[str, list[float]] = defaultdict(list)
+        for anchor in compiled:
+            for case in cases:
+                history = spent[anchor]
+                needed = len(MODES) * (max(history) if history else estimates[anchor])
+                if reason:
+                    case.errors[anchor] = f"skipped: {reason}"
+                elif not budget.allows(needed + 5):
+                    case.errors[anchor] = budget.reason(needed + 5)
+                else:
+                    _add_compiled(case, anchor, timer, history)
+                    failed = case.errors.get(anchor, "").startswith("torch.compile failed")
+                    if failed and not any(spent.values()):
+                        reason = case.errors[anchor]  # the first compile failed: skip the rest
+                _time_case(plan, case, ["tritskip", anchor], timer, result)
+                case.variants.pop(anchor, None)
+                import torch._dynamo
+
+                torch._dynamo.reset()
+                bar.step(f"{anchor} {case.key}")
+        for anchor in compiled:
+            if spent[anchor]:
+                phases[f"compile ({anchor} first calls)"] = sum(spent[anchor])
+    for case in cases:
+        case.variants.clear()
+        case.xs.clear()
+        case.grads.clear()
+
     bar.close()
     phases["total"] = time.perf_counter() - started
     return result
 
 
-def _add_compiled(case, anchor, reason, deadline, estimates, spent, timer, result) -> None:
+def _add_compiled(case: Case, anchor: str, timer, history: list[float]) -> None:
     """Compile ``case.plain`` for ``anchor`` and make its first calls (timed as compile)."""
-    if reason:
-        case.errors[anchor] = f"skipped: {reason}"
-        return
-    history = spent[anchor]
-    estimate = (sum(history) / len(history)) if history else estimates[anchor]
-    if deadline is not None and time.perf_counter() + len(MODES) * estimate > deadline:
-        left = max(0.0, deadline - time.perf_counter())
-        case.errors[anchor] = (f"skipped: time budget ({left:.0f} s left, "
-                               f"compiling needs ~{len(MODES) * estimate:.0f} s)")  # fmt: skip
-        return
     model = torch.compile(case.plain, mode=COMPILED[anchor], dynamic=False)
     seconds = []
     try:
@@ -599,12 +654,18 @@ def _add_compiled(case, anchor, reason, deadline, estimates, spent, timer, resul
     case.compile_s[anchor] = seconds
 
 
-def _time_case(plan: Plan, case: Case, timer, result: RunResult, bar: _Progress) -> None:
-    """Time the variants of one case, interleaved over ``plan.repeats`` rounds per mode."""
+def _time_case(plan: Plan, case: Case, names: list[str], timer, result: RunResult) -> None:
+    """Time ``names`` (tritskip first) on one case, interleaved over ``plan.repeats`` rounds.
+
+    Every cell but tritskip's own gets ``reference_ms``: tritskip's median from the same rounds.
+    A tritskip cell is recorded once per case and mode (from the first block).
+    """
     wl = case.workload
     specs = wl.specs(case.width)
     itemsize = torch.finfo(plan.dtype).bits // 8
-    names = ["tritskip", *plan.anchors]
+    seen = {(m.mode, m.variant) for m in result.measurements
+            if (m.workload, m.width) == (wl.name, case.width)}  # fmt: skip
+    t = time.perf_counter()
     for mi, mode in enumerate(MODES):
         backward = mode == "forward+backward"
         cells = {}
@@ -619,23 +680,29 @@ def _time_case(plan: Plan, case: Case, timer, result: RunResult, bar: _Progress)
                 cell.status = "error" if reason.startswith("torch.compile failed") else "skipped"
                 cell.reason = reason
             cells[name] = cell
+        runnable = [n for n in names if cells[n].status == "ok"]
         samples: dict[str, list[float]] = defaultdict(list)
-        t = time.perf_counter()
+        needed = any(n != "tritskip" for n in runnable) or (mode, "tritskip") not in seen
         with _grad_mode(mode):
-            for _ in range(plan.repeats):
-                for name in names:
-                    if cells[name].status != "ok":
-                        continue
-                    fn = step_fn(case, case.variants[name], mode)
-                    try:
-                        samples[name] += timer.measure(fn, f"{case.key}:{mode}:{name}")
-                    except Exception as exc:
-                        cells[name].status, cells[name].reason = "error", repr(exc)[:200]
-            for name in names:
+            if needed:
+                for _ in range(plan.repeats):
+                    for name in runnable:
+                        fn = step_fn(case, case.variants[name], mode)
+                        try:
+                            samples[name] += timer.measure(fn, f"{case.key}:{mode}:{name}")
+                        except Exception as exc:
+                            cells[name].status, cells[name].reason = "error", repr(exc)[:200]
+            for name in runnable if needed else []:
                 cell = cells[name]
                 if cell.status == "ok":
                     cell.timing = Timing.from_ms(samples[name])
                     cell.peak_bytes = timer.peak_memory(step_fn(case, case.variants[name], mode))
-                result.measurements.append(cell)
-                bar.step(f"{mode[:7]} {case.key} {name}")
-        result.phases["timing"] += time.perf_counter() - t
+        reference = cells["tritskip"].timing.median if cells["tritskip"].timing else None
+        for name in names:
+            if name == "tritskip":
+                if (mode, name) not in seen:
+                    result.measurements.append(cells[name])
+                continue
+            cells[name].reference_ms = reference
+            result.measurements.append(cells[name])
+    result.phases["timing"] += time.perf_counter() - t
