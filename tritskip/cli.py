@@ -146,7 +146,30 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_inspect)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_inspect]
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench import run_from_args
+
+    return run_from_args(args)
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from .bench import __doc__ as description
+    from .bench import add_arguments
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark the fused ops and models against eager, addmm and torch.compile",
+        description=description,
+    )
+    add_arguments(p)
+    p.set_defaults(run=_run_bench)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_demo,
+    _add_inspect,
+    _add_bench,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
