@@ -174,15 +174,16 @@ def linear_epilogue_forward(
     shortcut_first: bool,
     save_z: bool,
     out: torch.Tensor | None = None,
-    out_col: int = 0,
+    out_col: int | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernel on 2-D operands (validated by the caller); returns ``(out, z)``.
 
     Operands are read through their strides, so transposed or sliced 2-D views are not copied.
-    ``inner``/``outer`` are :class:`tritskip.epilogue.Activation` objects. With ``out`` given
-    (a 2-D buffer with unit column stride, no shortcut), the result is written into its columns
-    ``out_col : out_col + N`` instead of a new tensor: how a dense chain fills one buffer.
+    ``inner``/``outer`` are :class:`tritskip.epilogue.Activation` objects. ``out``, when
+    given, is the caller's 2-D buffer (unit column stride) of ``[M, N + S]``, filled in the
+    same layout as a new one would be; with ``out_col`` (and no shortcut) the result goes into
+    its columns ``out_col : out_col + N`` instead: how a dense chain fills one buffer.
     ``out_dtype`` (default ``x.dtype``) may be wider than the inputs, as eager's promotion gives
     for a bf16 matmul merged with an fp32 residual under autocast; ``z`` keeps ``x.dtype``.
     """
@@ -191,12 +192,20 @@ def linear_epilogue_forward(
     s = 0 if shortcut is None else shortcut.shape[1]
     if out is None:
         out = torch.empty((m, n + s), device=x.device, dtype=out_dtype or x.dtype)
+    elif out.dim() != 2 or out.stride(1) != 1 or out.shape[0] != m:
+        raise ValueError(
+            f"out buffer of shape {tuple(out.shape)} and strides {out.stride()} cannot take "
+            f"{m} rows (needs a 2-D buffer with unit column stride)"
+        )
+    if out_col is None:
+        if out.shape[1] != n + s:
+            raise ValueError(f"out buffer has {out.shape[1]} columns, expected {n + s}")
         y_col, s_col = (s, 0) if shortcut_first else (0, n)
     else:
-        if shortcut is not None or out.stride(1) != 1 or out.shape[0] != m:
+        if shortcut is not None or out_col + n > out.shape[1]:
             raise ValueError(
-                f"out buffer of shape {tuple(out.shape)} and strides {out.stride()} cannot take "
-                f"{m} rows at column {out_col} (needs unit column stride and no shortcut)"
+                f"columns {out_col}:{out_col + n} do not fit an out buffer of shape "
+                f"{tuple(out.shape)}, or a shortcut was given with out_col"
             )
         y_col, s_col = out_col, 0
     z = torch.empty((m, n), device=x.device, dtype=x.dtype) if save_z else None
