@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["add_arguments", "main"]
 
@@ -90,7 +91,14 @@ def run_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> in
         result = run(plan, argv=list(sys.argv[1:] if argv is None else argv),
                      progress=not args.no_progress)  # fmt: skip
     except CheckFailed as exc:
-        print(f"tritskip bench: CORRECTNESS CHECK FAILED, nothing timed.\n{exc}", file=sys.stderr)
+        from .benchmarks.runner import collect_meta
+
+        meta = collect_meta(plan, argv)
+        folder = Path(args.out) / f"{meta['date']}-{meta['device_name']}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "check_failed.txt").write_text(f"{exc}\n")
+        print(f"tritskip bench: CORRECTNESS CHECK FAILED, nothing timed "
+              f"(also in {folder / 'check_failed.txt'}).\n{exc}", file=sys.stderr)  # fmt: skip
         return 1
     start = time.perf_counter()
     paths = write_results(result, args.out, make_plot=not args.no_plot)

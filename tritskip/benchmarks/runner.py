@@ -425,8 +425,8 @@ def _grad_mode(mode: str):
 # Correctness ---------------------------------------------------------------------------------
 
 
-def _errors(model: nn.Module, case: Case, x: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
-    params = list(model.parameters()) if model is not None else case.params
+def _outputs(model: nn.Module, x: torch.Tensor, g: torch.Tensor, params: list) -> list:
+    """The output of ``model(x)`` and the gradients of ``<out, g>`` for ``x`` and ``params``."""
     out = model(x)
     return [out.detach(), *torch.autograd.grad(out, [x, *params], g)]
 
@@ -437,11 +437,10 @@ def check_case(plan: Plan, case: Case) -> dict:
     oracle = copy.deepcopy(case.plain).double()
     xd = x.detach().double().requires_grad_()
     with torch.enable_grad():
-        ref = _errors(oracle, case, xd, g.double())
-        eager = _errors(case.plain, case, x, g)
-        fused_out = case.variants["tritskip"](x)
-        fused = [fused_out.detach(),
-                 *torch.autograd.grad(fused_out, [x, *case.params], g)]  # fmt: skip
+        ref = _outputs(oracle, xd, g.double(), list(oracle.parameters()))
+        eager = _outputs(case.plain, x, g, case.params)
+        # The same Parameter objects: tritskip must train the model it was given.
+        fused = _outputs(case.variants["tritskip"], x, g, case.params)
     names = ["output", "grad x"] + [f"grad {n}" for n, _ in case.plain.named_parameters()]
     atol = 1e-5 if plan.dtype == torch.float32 else 2e-3
     worst, failures = 0.0, []
@@ -551,11 +550,11 @@ def run(plan: Plan, *, argv: list[str] | None = None, progress: bool = True) -> 
     # 3. Build and check every case before any timing; the first calls autotune.
     cases: list[Case] = []
     failures: list[str] = []
-    per_case = 0.0
+    last = 0.0  # seconds the previous case took to build, autotune and check
     for workload, width in planned:
-        if cases and not budget.allows(2 * per_case + 10):
+        if cases and not budget.allows(last + 10):
             result.skipped_cases.append({"workload": workload.name, "width": width,
-                                         "reason": budget.reason(2 * per_case + 10)})  # fmt: skip
+                                         "reason": budget.reason(last + 10)})  # fmt: skip
             bar.step(f"skip {workload.name}@{width}", 2 + len(compiled))
             continue
         t = time.perf_counter()
@@ -566,18 +565,18 @@ def run(plan: Plan, *, argv: list[str] | None = None, progress: bool = True) -> 
                     phases["autotune (tritskip first calls)"] += wall(
                         step_fn(case, case.variants["tritskip"], mode), timer
                     )
+            c = time.perf_counter()
+            report = check_case(plan, case)
+            phases["check"] += time.perf_counter() - c
         except Exception as exc:  # a build or first-call error fails the check: stop below
             failures.append(f"{workload.name}@{width}: tritskip failed to run: {exc!r}"[:2000])
             bar.step(f"check {workload.name}@{width}", 2 + len(compiled))
             continue
-        c = time.perf_counter()
-        report = check_case(plan, case)
-        phases["check"] += time.perf_counter() - c
         result.checks.append(report)
         if not report["ok"]:
             failures += [f"{case.key}: {f}" for f in report["failures"]]
         cases.append(case)
-        per_case = max(per_case, time.perf_counter() - t)
+        last = time.perf_counter() - t
         bar.step(f"check {case.key}")
     if failures:
         bar.close()
