@@ -425,3 +425,23 @@ def test_dynamo_backend_fuses_chains(monkeypatch):
     x = torch.randn(3, 7, dtype=torch.float64)
     _assert_close(compiled(x), model(x), "output")
     assert rewritten == [[4]]
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [lambda h: h.mul_(0.5), lambda h: h[..., 0].zero_(), lambda h: h.view(-1).add_(1)],
+    ids=["direct", "getitem", "view"],
+)
+def test_in_place_change_of_the_result_shortens_the_chain(mutate):
+    class Mutated(DenseNet):
+        def forward(self, x):
+            h = super().forward(x)
+            mutate(h)
+            return h
+
+    # gelu: the step left over is fused by the single-site rule, whose relu form saves its
+    # output for the backward (the same autograd rejection this rule avoids for chains)
+    model = Mutated(act=F.gelu)
+    opt = optimize(model)
+    assert [len(n.args[1]) for n in _calls(opt, dense_chain)] == [3]
+    _check_model(model, opt, torch.randn(3, 7))

@@ -173,6 +173,35 @@ def test_compile_where_the_kernels_run_eagerly():
     _assert_same(_grads(fc, x, out), expected_grads, "compiled gradients")
 
 
+def _check_inplace_after_op():
+    # Eager lets a Linear-plus-add output be modified in place; so must the fused op, in any
+    # rank and in concat mode (its outputs must not be views of an internal buffer).
+    torch.manual_seed(3)
+    w = torch.randn(6, 6, requires_grad=True)
+    for shape in [(4, 6), (2, 3, 6)]:
+        x = torch.randn(*shape, requires_grad=True)
+        results = []
+        for linear, cat in [
+            (fused_linear, fused_linear_cat),
+            (eager_linear_epilogue, eager_linear_cat),
+        ]:
+            y = linear(x, w, residual=x)
+            y.mul_(2)
+            c = cat(x, w, shortcut=x)
+            c.add_(1)
+            results.append([y, c, *torch.autograd.grad((y.sum() + c.square().sum()), [x, w])])
+        _assert_same(results[0], results[1], f"in-place after the op, input {shape}")
+
+
+def test_inplace_on_the_output():
+    _check_inplace_after_op()
+
+
+@pytest.mark.triton
+def test_inplace_on_the_output_of_the_kernel():
+    _check_inplace_after_op()
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.export
 

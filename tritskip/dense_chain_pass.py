@@ -23,13 +23,20 @@ What it keeps from eager:
   :func:`~tritskip.dense_chain.dense_chain` checks at every call and runs the eager chain where
   the one-buffer form would differ.
 - **Order.** Only newest-first concatenations (``cat([y, h])``) form chains.
+- **The result is saved for the backward.** The one-buffer backward reads the final buffer, so
+  autograd would reject an in-place change of it that eager allows (eager's last ``cat`` saves
+  nothing). A chain whose last concatenation is changed in place, directly or through a view
+  taken from it (``h.mul_(2)``, ``h[..., 0] = 0``, ``h.view(...).add_(1)``), ends one step
+  earlier; the step left over is fused on its own.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch.fx import Node
 
 from .dense_chain import dense_chain
@@ -112,6 +119,41 @@ def _chains(matcher: _Matcher) -> list[list[_Step]]:
     return chains
 
 
+# Methods and functions whose result shares memory with their first argument.
+_VIEW_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "narrow", "select", "transpose", "t", "permute",
+    "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "expand_as", "chunk", "split",
+    "unbind", "movedim", "swapaxes", "diagonal", "as_strided", "detach", "contiguous",
+}  # fmt: skip
+_VIEW_FUNCTIONS = {
+    operator.getitem, torch.narrow, torch.select, torch.transpose, torch.t, torch.permute,
+    torch.unsqueeze, torch.squeeze, torch.flatten, torch.reshape, torch.chunk, torch.split,
+    torch.unbind, torch.movedim, torch.swapaxes, torch.diagonal, torch.as_strided, torch.detach,
+}  # fmt: skip
+
+
+def _mutated(matcher: _Matcher, node: Node, depth: int = 0) -> bool:
+    """Whether an in-place op changes ``node``'s value, directly or through views of it."""
+    for user in node.users:
+        first = user.args[0] if user.args else None
+        if matcher._is_inplace(user) and first is node:
+            return True
+        is_view = (user.op == "call_method" and user.target in _VIEW_METHODS) or (
+            user.op == "call_function" and _hashable(user.target) and user.target in _VIEW_FUNCTIONS
+        )
+        if is_view and first is node and depth < 8 and _mutated(matcher, user, depth + 1):
+            return True
+    return False
+
+
+def _hashable(target: Any) -> bool:
+    try:
+        hash(target)
+    except TypeError:
+        return False
+    return True
+
+
 def _hazard(matcher: _Matcher, chain: list[_Step]) -> bool:
     """Whether an in-place op outside the chain runs between its first Linear and last cat."""
     lo, hi = matcher.index[chain[0].lin.node], matcher.index[chain[-1].cat]
@@ -133,7 +175,9 @@ def rewrite_dense_chains(matcher: _Matcher) -> dict[Node, list[Site]]:
 
     rewritten: dict[Node, list[Site]] = {}
     for chain in _chains(matcher):
-        if _hazard(matcher, chain):
+        while len(chain) >= 2 and _mutated(matcher, chain[-1].cat):
+            chain = chain[:-1]
+        if len(chain) < 2 or _hazard(matcher, chain):
             continue
         call = _rewrite(matcher, chain)
         sites = []

@@ -122,33 +122,33 @@ def _torch_forward(
     inner: Activation,
     outer: Activation,
     shortcut_first: bool,
-    save_z: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """2-D PyTorch path: one addmm into the output slice, then in-place epilogue steps.
+    out: torch.Tensor,
+    z: torch.Tensor | None,
+) -> None:
+    """2-D PyTorch path into the buffers ``out`` and ``z``: one addmm, then in-place steps.
 
     Only ``out=`` and in-place calls, which autocast leaves alone, so an enclosing autocast
     region cannot change the dtypes chosen here. With an output dtype wider than ``x``'s the
-    matmul goes to ``z`` first and is widened into the output once.
+    matmul goes to ``z`` (or a scratch buffer) first and is widened into the output once.
     """
-    m, n = x.shape[0], weight.shape[0]
-    dtype = out_dtype(x, gamma, residual, shortcut)
+    n = weight.shape[0]
     if shortcut is not None:
         s = shortcut.shape[1]
-        out = x.new_empty(m, n + s, dtype=dtype)
         y, short = (out[:, s:], out[:, :s]) if shortcut_first else (out[:, :n], out[:, n:])
         short.copy_(shortcut)
     else:
-        out = y = x.new_empty(m, n, dtype=dtype)
-    mm_out = y if dtype == x.dtype else x.new_empty(m, n)
+        y = out
+    mm_out = y
+    if out.dtype != x.dtype:  # a wider output: the matmul lands in z (or scratch) first
+        mm_out = z if z is not None else x.new_empty(x.shape[0], n)
     if bias is not None:
         torch.addmm(bias, x, weight.t(), out=mm_out)
     else:
         torch.mm(x, weight.t(), out=mm_out)
-    if mm_out is y:
-        z = y.clone() if save_z else None
-    else:
+    if mm_out is not y:
         y.copy_(mm_out)
-        z = mm_out if save_z else None
+    elif z is not None:
+        z.copy_(y)
     apply_activation(y, inner.name, inner.negative_slope, inplace=True)
     if gamma is not None:
         y.mul_(gamma)
@@ -157,7 +157,6 @@ def _torch_forward(
     if residual is not None:
         y.add_(residual, alpha=alpha)
     apply_activation(y, outer.name, outer.negative_slope, inplace=True)
-    return out, z
 
 
 def _forward(x, weight, bias, residual, gamma, shortcut, gamma_scalar, alpha, inner,
@@ -167,28 +166,35 @@ def _forward(x, weight, bias, residual, gamma, shortcut, gamma_scalar, alpha, in
     Leading batch dims of ``x`` (and of ``residual``/``shortcut``) are flattened with
     ``reshape``, which copies only when they cannot be viewed; the 2-D operands then go to the
     kernel with their strides, so transposed or sliced 2-D inputs are not copied.
+
+    The output is allocated in its final shape and written through a 2-D view, so the op does
+    not return a view: autograd refuses in-place ops on a view made inside a custom op, and
+    eager lets users modify a Linear's output in place.
     """
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     r2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
     s2 = None if shortcut is None else shortcut.reshape(-1, shortcut.shape[-1])
+    m, n = x2.shape[0], weight.shape[0]
+    width = n if shortcut is None else n + shortcut.shape[-1]
     inner_act, outer_act = Activation(inner, inner_slope), Activation(outer, outer_slope)
+    out = x.new_empty(*lead, width, dtype=out_dtype(x, gamma, residual, shortcut))
     if _kernel_path(x):
         from .kernels.linear_epilogue import linear_epilogue_forward
 
-        out, z = linear_epilogue_forward(
+        _, z = linear_epilogue_forward(
             x2, weight, bias, r2, gamma, s2, gamma_scalar, alpha,
-            inner_act, outer_act, shortcut_first, save_z,
-            out_dtype=out_dtype(x, gamma, residual, shortcut),
+            inner_act, outer_act, shortcut_first, save_z, out=out.view(m, width),
         )  # fmt: skip
+        if z is not None:
+            z = z.view(*lead, n)
     else:
-        out, z = _torch_forward(
-            x2, weight, bias, r2, gamma, s2, gamma_scalar, alpha,
-            inner_act, outer_act, shortcut_first, save_z,
+        z = x.new_empty(*lead, n) if save_z else None
+        _torch_forward(
+            x2, weight, bias, r2, gamma, s2, gamma_scalar, alpha, inner_act, outer_act,
+            shortcut_first, out.view(m, width), None if z is None else z.view(m, n),
         )  # fmt: skip
-    out = out.reshape(*lead, out.shape[-1])
-    z = x.new_empty(0) if z is None else z.reshape(*lead, z.shape[-1])
-    return out, z
+    return out, x.new_empty(0) if z is None else z
 
 
 def _fake(x, weight, bias, residual, gamma, shortcut, gamma_scalar, alpha, inner, inner_slope,
@@ -327,8 +333,12 @@ def _setup_context(ctx, inputs, output):
     ctx.residual_dtype = None if residual is None else residual.dtype
     ctx.shortcut_dtype = None if shortcut is None else shortcut.dtype
     # Either the output (act' read from it) or z plus the residual (to rebuild the merge).
+    # Without activations neither is read, and not saving the output keeps in-place ops on it
+    # legal, as they are after eager's Linear and add.
     if save_z:
         ctx.save_for_backward(x, weight, gamma, residual, None, z)
+    elif ctx.inner.is_identity and ctx.outer.is_identity:
+        ctx.save_for_backward(x, weight, gamma, None, None, None)
     else:
         ctx.save_for_backward(x, weight, gamma, None, out, None)
 
@@ -339,7 +349,8 @@ def _triton_backward(ctx, grad_out, x, weight, gamma, residual, out, z, y_cols):
 
     needs = ctx.needs_input_grad
     from_output = z is None
-    saved = out if from_output else z
+    # Without activations no derivative is read from ``saved``; the gradient stands in.
+    saved = z if z is not None else out if out is not None else grad_out
     dx, dw, db, dr, dgamma = linear_epilogue_backward(
         grad_out.reshape(-1, grad_out.shape[-1]),
         saved.reshape(-1, saved.shape[-1]),
@@ -384,7 +395,7 @@ def _backward(ctx, grad_out, _grad_z):
             g_v = activation_backward(dy, ctx.outer.name, ctx.outer.negative_slope, pre=v)
         g_z = activation_backward(g_v * gamma_eff, ctx.inner.name, ctx.inner.negative_slope, pre=z)
     else:
-        y = out[..., y_cols]
+        y = None if out is None else out[..., y_cols]
         if ctx.inner.is_identity:
             g_v = activation_backward(dy, ctx.outer.name, ctx.outer.negative_slope, out=y)
             g_z = g_v * gamma_eff if (gamma is not None or ctx.gamma_scalar != 1.0) else g_v
