@@ -216,10 +216,10 @@ LEFT = {
         "Linear → add",
         "the Linear output has 2 users",
     ),
-    "dropout before the add": (
-        lambda m, x: x + m.drop(m.fc(x)),
+    "dropout before an activation": (
+        lambda m, x: F.relu(m.drop(m.fc(x))),
         "Linear → dropout",
-        "dropout between the Linear and the add is kept",
+        "dropout between the Linear and the relu is kept",
     ),
     "in-place add into the residual": (
         _inplace_into_residual,
@@ -659,7 +659,7 @@ class Block(nn.Module):
 
     def forward(self, x):
         x = F.relu(self.fc(x) + x)
-        return x + self.drop(self.proj(x))
+        return x + F.relu(self.drop(self.proj(x)))
 
 
 def test_report_contents():
@@ -674,10 +674,10 @@ def test_report_contents():
         str(line + 2),
     ] * 2, [s.source for s in report]
     assert report.sites[0].pattern == "Linear → add → relu", report.sites[0].pattern
-    assert report.sites[1].reason == "dropout between the Linear and the add is kept", str(report)
+    assert report.sites[1].reason == "dropout between the Linear and the relu is kept", str(report)
     text = str(report)
     assert text.startswith("4 sites, 2 fused, 2 left"), text
-    assert "0.proj" in text and "dropout between the Linear and the add is kept" in text, text
+    assert "0.proj" in text and "dropout between the Linear and the relu is kept" in text, text
 
 
 def test_explain_matches_optimize_and_changes_nothing():

@@ -6,6 +6,7 @@
 - an optional activation (``layer_activation``),
 - an optional multiplication by a number, or by a tensor attribute of shape ``[]`` or ``[N]``
   (``gamma``),
+- an optional dropout right before the merge (see *Dropout* below),
 - an optional add or subtraction with another tensor (``residual``; ``+``, ``torch.add`` with
   ``alpha``, ``.add``, ``+=``, either operand order, ``a - b``), or a two-part ``torch.cat``
   along the last dimension (``shortcut``),
@@ -37,7 +38,17 @@ What the rewrite assumes and keeps:
   and in the same order, so ``state_dict`` keys are identical and checkpoints load both ways
   with ``strict=True``. Module objects are copied, so the input model itself is not changed
   (calling ``.eval()`` on the result does not switch the original).
-- **Modes.** Dropout between the Linear and the add is kept (the site is left). A module whose
+- **Dropout.** A ``torch.nn`` dropout module right before the merge
+  (``norm(dropout(dense(h)) + x)``, as in BERT) is fused with a run-time branch: the rewrite
+  calls :func:`fused_linear_dropout`, which runs the fused op while the module is inactive
+  (``.eval()``, or ``p == 0``) and, in training, the ops as written (the Linear, the module
+  itself, the merge), so masks, scaling, random-number order and gradients are eager's; training
+  gains nothing from the fusion. Such a call is never moved past another op that draws random
+  numbers. A dropout call whose arguments fix it (``F.dropout(h, p, training=False)``, or
+  ``p=0``, as Dynamo records ``nn.Dropout`` in eval mode) is the identity and is absorbed;
+  one fixed active (``training=True``, as in a Dynamo graph captured in training), a dropout
+  module with hooks, and a dropout anywhere else in the chain are kept, and the site is left.
+- **Modes.** A module whose
   traced graph depends on ``self.training`` (the graphs traced in each mode differ) is not
   rewritten as a whole; its children are tried instead, so ``.train()``/``.eval()`` keep
   switching everything they switched before.
@@ -82,14 +93,63 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .dense_chain import dense_chain
 from .dense_chain_pass import dense_chain_sites, rewrite_dense_chains
 from .epilogue import Activation
-from .functional import fused_linear, fused_linear_cat
+from .functional import as_activation, fused_linear, fused_linear_cat
 from .report import Report, Site, Untraced
 
-__all__ = ["SkipTracer", "dynamo_backend", "explain", "fuse_graph", "optimize"]
+__all__ = [
+    "SkipTracer",
+    "dynamo_backend",
+    "explain",
+    "fuse_graph",
+    "fused_linear_dropout",
+    "optimize",
+]
 
 logger = logging.getLogger(__name__)
 
 ExampleInputs = torch.Tensor | tuple | list | dict | None
+
+
+def fused_linear_dropout(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    dropout: nn.Module,
+    residual: torch.Tensor | None = None,
+    shortcut: torch.Tensor | None = None,
+    gamma: torch.Tensor | float | None = None,
+    alpha: float = 1.0,
+    activation: Any = None,
+    layer_activation: Any = None,
+    shortcut_first: bool = False,
+) -> torch.Tensor:
+    """A site with a dropout module right before its merge: ``merge(dropout(u), r)``.
+
+    ``u = gamma * layer_activation(x @ W.T + b)``; the merge is ``activation(u + alpha * r)``,
+    or ``torch.cat`` with ``shortcut``. The choice is made at every call: while ``dropout`` is
+    inactive (eval mode, or ``p == 0``, where it returns its input) the call is
+    :func:`~tritskip.functional.fused_linear` (or ``fused_linear_cat``); in training it runs the
+    ops as written, calling the very ``dropout`` module, so masks, scaling and random-number use
+    are eager's.
+    """
+    if not dropout.training or getattr(dropout, "p", None) == 0:
+        if shortcut is not None:
+            return fused_linear_cat(x, weight, bias, shortcut=shortcut, gamma=gamma,
+                                    layer_activation=layer_activation,
+                                    shortcut_first=shortcut_first)  # fmt: skip
+        return fused_linear(x, weight, bias, residual=residual, gamma=gamma, alpha=alpha,
+                            activation=activation, layer_activation=layer_activation)  # fmt: skip
+    u = as_activation(layer_activation)(F.linear(x, weight, bias))
+    if gamma is not None and (isinstance(gamma, torch.Tensor) or gamma != 1.0):
+        u = u * gamma
+    v = dropout(u)
+    if shortcut is not None:
+        return torch.cat([shortcut, v] if shortcut_first else [v, shortcut], dim=-1)
+    if residual is not None:
+        v = v + residual if alpha == 1.0 else torch.add(v, residual, alpha=alpha)
+    return as_activation(activation)(v)
+
 
 # ---------------------------------------------------------------------------------------------
 # Tracing
@@ -161,7 +221,9 @@ class SkipTracer(Tracer):
     """
 
     def __init__(self, record_sources: bool = True) -> None:
-        super().__init__(autowrap_functions=(fused_linear, fused_linear_cat, dense_chain))
+        super().__init__(
+            autowrap_functions=(fused_linear, fused_linear_cat, fused_linear_dropout, dense_chain)
+        )
         self.record_sources = record_sources
         self.modes = _modes()
         self.entry = None
@@ -406,10 +468,26 @@ _ADD_METHODS = {
     "subtract": (-1, False), "subtract_": (-1, True),
 }  # fmt: skip
 _CAT_FUNCTIONS = {torch.cat: "dim", torch.concat: "dim", torch.concatenate: "axis"}
-_DROPOUT_FUNCTIONS = {
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-    torch.dropout, torch.alpha_dropout, torch.feature_alpha_dropout,
+# function -> (name of its training flag, the flag's default; None when it has to be given)
+_DROPOUT_FUNCTIONS: dict[Any, tuple[str, bool | None]] = {
+    F.dropout: ("training", True), F.dropout1d: ("training", True),
+    F.dropout2d: ("training", True), F.dropout3d: ("training", True),
+    F.alpha_dropout: ("training", False), F.feature_alpha_dropout: ("training", False),
+    torch.dropout: ("train", None), torch.alpha_dropout: ("train", None),
+    torch.feature_alpha_dropout: ("train", None),
 }  # fmt: skip
+# Ops that draw from the global random generator: a fused call holding a dropout must not be
+# moved past one of them, or the two would take their random numbers in the other order.
+_RANDOM_FUNCTIONS = {
+    torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like,
+    torch.randint_like, torch.randperm, torch.bernoulli, torch.multinomial, torch.normal,
+    torch.poisson, F.rrelu, F.rrelu_, torch.rrelu, torch.rrelu_,
+}  # fmt: skip
+_RANDOM_METHODS = {
+    "bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_", "geometric_",
+    "cauchy_", "log_normal_", "multinomial",
+}  # fmt: skip
+_RANDOM_MODULES = (nn.modules.dropout._DropoutNd, nn.RReLU)
 _NON_TENSOR_METHODS = {"size", "dim", "numel", "nelement", "item", "tolist", "stride", "ndimension"}
 _INPLACE_FUNCTIONS = {getattr(operator, name) for name in _INPLACE_OPERATORS} | {operator.setitem}
 
@@ -442,14 +520,18 @@ class _State:
     outer: Activation | None = None
     shortcut: Node | None = None
     shortcut_first: bool = False
+    dropout: str | None = None  # a dropout module right before the merge, by qualified name
+    dropout_node: Node | None = None
+    complete: bool = True  # False while the chain ends in a dropout that awaits its merge
 
 
-_AFTER_LINEAR, _AFTER_INNER, _AFTER_SCALE, _AFTER_ADD, _DONE = range(5)
+_AFTER_LINEAR, _AFTER_INNER, _AFTER_SCALE, _AFTER_DROPOUT, _AFTER_ADD, _DONE = range(6)
 _DYNAMO_ROOT = re.compile(r"^L\['[^']*'\]\.?")  # Dynamo names modules from the local "L['self']"
 _NEXT_STEPS = {
     _AFTER_LINEAR: {"activation", "scale", "add", "cat", "dropout"},
     _AFTER_INNER: {"activation", "scale", "add", "cat", "dropout"},
     _AFTER_SCALE: {"activation", "add", "cat", "dropout"},
+    _AFTER_DROPOUT: {"add", "cat"},
     _AFTER_ADD: {"activation"},
 }
 
@@ -594,6 +676,50 @@ class _Matcher:
             return None
         return _arg(node, 0, "tensors"), _arg(node, 1, dim_name, 0)
 
+    def _dropout(self, node: Node) -> tuple[Any, str] | None:
+        """``(input, mode)`` for a dropout; ``mode`` says when it changes its input.
+
+        ``"module"``: a ``torch.nn`` dropout module, active in training only (read at run time);
+        ``"off"``: a call that is the identity as written (``training=False`` or ``p=0``, as
+        Dynamo records ``nn.Dropout`` in eval mode); ``"on"``: active as written;
+        ``"opaque"``: a dropout module with hooks or of a subclass, left as it is.
+        """
+        if node.op == "call_module":
+            m = self._module(node)
+            if not isinstance(m, nn.modules.dropout._DropoutNd):
+                return None
+            x = _arg(node, 0, "input")
+            own = type(m).__module__ == nn.modules.dropout.__name__
+            if not own or _has_call_hooks(m) or len(node.args) != 1 or node.kwargs:
+                return x, "opaque"
+            return x, "module"
+        if node.op != "call_function" or not _hashable(node.target):
+            return None
+        spec = _DROPOUT_FUNCTIONS.get(node.target)
+        if spec is None:
+            return None
+        flag, default = spec
+        p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, flag, default)
+        if training is False or (_number(p) and p == 0):
+            return _arg(node, 0, "input"), "off"
+        return _arg(node, 0, "input"), "on"
+
+    def _draws_random(self, node: Node) -> bool:
+        """Whether ``node`` takes numbers from the global random generator (by op name)."""
+        if node.op == "call_module":
+            m = self._module(node)
+            return isinstance(m, _RANDOM_MODULES) or (
+                m is not None and type(m).__module__.split(".")[0] != "torch"
+            )
+        if node.op == "call_method":
+            return node.target in _RANDOM_METHODS
+        if node.op != "call_function" or not _hashable(node.target):
+            return False
+        if node.target in _RANDOM_FUNCTIONS:
+            return True
+        drop = self._dropout(node)
+        return drop is not None and drop[1] != "off"
+
     def _is_dropout(self, node: Node) -> bool:
         if node.op == "call_module":
             return isinstance(self._module(node), nn.modules.dropout._DropoutNd)
@@ -717,7 +843,7 @@ class _Matcher:
         extended = (*st.nodes, nxt)
 
         act = self._activation(nxt)
-        if act is not None and act[0] is cur:
+        if act is not None and act[0] is cur and st.stage != _AFTER_DROPOUT:
             step = (*st.steps, str(act[1]))
             if st.stage == _AFTER_LINEAR:
                 return (
@@ -753,7 +879,7 @@ class _Matcher:
             return replace(new, nodes=extended, steps=step, stage=_AFTER_SCALE), "", ""
 
         add = self._add(nxt)
-        if add is not None and st.stage <= _AFTER_SCALE:
+        if add is not None and st.stage <= _AFTER_DROPOUT:
             a, b, sign, alpha, inplace = add
             op = "add" if sign > 0 else "sub"
             if a is cur and b is not cur:
@@ -770,14 +896,11 @@ class _Matcher:
             if reason:
                 return None, reason, op
             step = (*st.steps, op)
-            return (
-                replace(new, nodes=extended, steps=step, stage=_AFTER_ADD, residual=residual),
-                "",
-                "",
-            )
+            new = replace(new, nodes=extended, steps=step, stage=_AFTER_ADD, complete=True)
+            return replace(new, residual=residual), "", ""
 
         cat = self._cat(nxt)
-        if cat is not None and st.stage <= _AFTER_SCALE:
+        if cat is not None and st.stage <= _AFTER_DROPOUT:
             parts, dim = cat
             if not isinstance(parts, (list, tuple)) or cur not in parts:
                 return None, "", ""
@@ -791,12 +914,23 @@ class _Matcher:
             if reason:
                 return None, reason, "cat"
             step = (*st.steps, "cat")
-            new = replace(st, shortcut=shortcut, shortcut_first=first)
+            new = replace(st, shortcut=shortcut, shortcut_first=first, complete=True)
             return replace(new, nodes=extended, steps=step, stage=_DONE), "", ""
 
-        if self._is_dropout(nxt) and len(nxt.users) == 1:
+        drop = self._dropout(nxt)
+        if drop is not None and drop[0] is cur and len(nxt.users) == 1:
             after = self._kind(next(iter(nxt.users)))
-            if after in ("add", "sub", "cat") or (after and st.stage == _AFTER_LINEAR):
+            merge = after in ("add", "sub", "cat")
+            if merge and st.stage <= _AFTER_SCALE and drop[1] in ("module", "off"):
+                step = (*st.steps, "dropout")
+                new = replace(st, nodes=extended, steps=step, stage=_AFTER_DROPOUT, complete=False)
+                if drop[1] == "module":
+                    new = replace(new, dropout=nxt.target, dropout_node=nxt)
+                return new, "", ""
+            if merge and drop[1] == "on":
+                reason = f"dropout between the {last} and the {after} is active (training=True)"
+                return None, reason, "dropout"
+            if merge or (after and st.stage == _AFTER_LINEAR):
                 return None, f"dropout between the {last} and the {after} is kept", "dropout"
         return None, "", ""
 
@@ -833,12 +967,21 @@ class _Matcher:
             return f"cat along dim {dim}, not the last dimension ({rank - 1})"
         return ""
 
-    def _hazard(self, st: _State) -> bool:
-        """Whether an in-place op outside the chain runs between its Linear and its end."""
+    def _hazard(self, st: _State) -> str:
+        """What forbids moving the chain's work to its end: an in-place op outside the chain
+        between its Linear and its end (``"in-place"``), or, for a chain holding a dropout
+        module, another op drawing random numbers between that dropout and the end
+        (``"random"``); ``""`` when nothing does."""
         lo, hi = self.index[st.nodes[0]], self.index[st.nodes[-1]]
         inside = bisect_left(self.inplace_at, hi) - bisect_left(self.inplace_at, lo + 1)
         own = sum(1 for n in st.nodes[1:-1] if self._is_inplace(n))
-        return inside > own
+        if inside > own:
+            return "in-place"
+        if st.dropout_node is not None:
+            d = self.index[st.dropout_node]
+            if bisect_left(self.random_at, hi) - bisect_left(self.random_at, d + 1):
+                return "random"
+        return ""
 
     # -- driver --------------------------------------------------------------------------------
 
@@ -851,6 +994,7 @@ class _Matcher:
             nodes = list(self.graph.nodes)
             self.index = {n: i for i, n in enumerate(nodes)}
         self.inplace_at = [i for i, n in enumerate(nodes) if self._is_inplace(n)]
+        self.random_at = [i for i, n in enumerate(nodes) if self._draws_random(n)]
         sites = []
         for node in nodes:
             if node in chains:
@@ -859,7 +1003,7 @@ class _Matcher:
             if node.op == "call_function" and node.target is dense_chain:
                 sites.extend(dense_chain_sites(self, node))
                 continue
-            if node.op == "call_function" and node.target in (fused_linear, fused_linear_cat):
+            if node.op == "call_function" and node.target in _FUSED_FUNCTIONS:
                 sites.append(self._already_fused(node))
                 continue
             lin = self._linear(node)
@@ -877,11 +1021,17 @@ class _Matcher:
                 break
             states.append(nxt)
         longest, best = states[-1], None
-        if len(states) > 1:
-            best = next((s for s in reversed(states[1:]) if not self._hazard(s)), None)
-            if best is not longest:
-                cut = longest.steps[len(best.steps) if best else 1]
-                reason, stop = f"an in-place op runs between the {lin.label} and the {cut}", ""
+        complete = [s for s in states[1:] if s.complete]
+        if complete:
+            best = next((s for s in reversed(complete) if not self._hazard(s)), None)
+            if best is not complete[-1]:
+                cut = complete[-1].steps[len(best.steps) if best else 1]
+                if self._hazard(complete[-1]) == "random":
+                    merge = complete[-1].steps[complete[-1].steps.index("dropout") + 1]
+                    reason = f"another op draws random numbers between the dropout and the {merge}"
+                else:
+                    reason = f"an in-place op runs between the {lin.label} and the {cut}"
+                stop = ""
         if lin.ineligible and (len(states) > 1 or reason):
             reason, best = lin.ineligible, None
         if best is None and not reason:
@@ -898,6 +1048,10 @@ class _Matcher:
         if best is None:
             return Site(fused=False, reason=reason, **common)
         self._rewrite(lin, best)
+        if not reason and best.dropout is not None:
+            reason = (
+                "fused while the dropout is inactive (eval mode); in training it runs as written"
+            )
         return Site(fused=True, note=reason, **common)
 
     def _already_fused(self, node: Node) -> Site:
@@ -907,7 +1061,9 @@ class _Matcher:
             steps.append(_activation_text(kw["layer_activation"]))
         if kw.get("gamma") is not None:
             steps.append("scale")
-        if "shortcut" in kw:
+        if kw.get("dropout") is not None:
+            steps.append("dropout")
+        if kw.get("shortcut") is not None:
             steps.append("cat")
         elif kw.get("residual") is not None:
             steps.append("add")
@@ -954,13 +1110,15 @@ class _Matcher:
             elif gamma is None and st.scale != 1.0:
                 gamma = st.scale
             kwargs: dict[str, Any] = {}
-            if st.shortcut is not None:
-                target = fused_linear_cat
-                kwargs["shortcut"] = st.shortcut
+            if st.dropout is not None:
+                target = fused_linear_dropout
+                kwargs["dropout"] = graph.get_attr(st.dropout)
             else:
-                target = fused_linear
-                if st.residual is not None:
-                    kwargs["residual"] = st.residual
+                target = fused_linear if st.shortcut is None else fused_linear_cat
+            if st.shortcut is not None:
+                kwargs["shortcut"] = st.shortcut
+            elif st.residual is not None:
+                kwargs["residual"] = st.residual
             if gamma is not None:
                 kwargs["gamma"] = gamma
             if st.alpha != 1.0:
@@ -981,6 +1139,9 @@ class _Matcher:
         for n in reversed(st.nodes):
             graph.erase_node(n)
         self.changed = True
+
+
+_FUSED_FUNCTIONS = (fused_linear, fused_linear_cat, fused_linear_dropout)
 
 
 def _activation_text(arg: Any) -> str:
