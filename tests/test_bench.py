@@ -105,3 +105,17 @@ def test_prewarm_workers_split_the_configs_and_launch_nothing():
     assert sorted(kw["BLOCK"] for _, kw in built) == [1, 2, 3, 4]
     assert all(a == ("X", 7) and "warmup" not in kw and kw["grid"] == (1,) for a, kw in built)
     assert tuner.nargs is None
+
+
+def test_cuda_plan_is_bf16_budgeted_and_puts_the_chain_last(monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(L2_cache_size=60 * 2**20))  # fmt: skip
+    plan = make_plan("cuda")
+    assert plan.dtype == torch.bfloat16 and plan.prewarm and plan.l2_bytes == 60 * 2**20
+    assert plan.anchors == ["eager", "addmm", "compile", "max-autotune"]
+    assert plan.budget_s is not None and plan.budget_s <= 270
+    cases = [w.name for w, _ in plan.cases()]
+    assert set(cases) == set(WORKLOADS) and cases[-1] == "dense_chain16"
+    assert len(cases) <= 12
