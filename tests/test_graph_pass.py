@@ -10,6 +10,7 @@ untraceable modules) have one test each.
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 
 import pytest
@@ -115,6 +116,16 @@ def _iadd(m, x):
     return h
 
 
+def _gelu_written_out(m, x):
+    h = m.fc(x)
+    return x + 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h**3)))
+
+
+def _silu_written_out(m, x):
+    h = m.fc(x) + x
+    return h * torch.sigmoid(h)
+
+
 FUSED = {
     "x + fc(x)": (lambda m, x: x + m.fc(x), "Linear → add"),
     "fc(x) + x": (lambda m, x: m.fc(x) + x, "Linear → add"),
@@ -171,6 +182,8 @@ FUSED = {
         lambda m, x: torch.cat((x, F.relu(m.fc(x))), -1),
         "Linear → relu → cat",
     ),
+    "gelu written out (GPT-2's gelu_new)": (_gelu_written_out, "Linear → gelu_tanh → add"),
+    "silu written out after the add": (_silu_written_out, "Linear → add → silu"),
     "cat of a scaled Linear": (
         lambda m, x: torch.cat([m.fc(x) * m.scale, x], -1),
         "Linear → scale → cat",
@@ -199,6 +212,11 @@ def _inplace_into_residual(m, x):
     return r
 
 
+def _almost_gelu(m, x):
+    h = m.fc(x)
+    return 0.5 * h * (1.0 + torch.tanh(0.8 * (h + 0.044715 * h**3)))
+
+
 # A near miss of each pattern: (body, pattern reported, reason) for a site that must stay.
 LEFT = {
     "cat on dim 0": (
@@ -225,6 +243,11 @@ LEFT = {
         _inplace_into_residual,
         "Linear → add",
         "the in-place add writes into the residual",
+    ),
+    "arithmetic that is not an activation": (
+        _almost_gelu,
+        "Linear → scale",
+        "the Linear output has 3 users",
     ),
     "scale of shape [1, N]": (
         lambda m, x: m.fc(x) * m.wide + x,
@@ -629,11 +652,6 @@ def test_parametrized_weight_is_read_through_its_parametrization():
     assert_same(model, optimized, example())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fused_linear returns a view of its output buffer, so autograd forbids in-place ops "
-    "on it; passes once the op returns a base tensor",
-)
 def test_inplace_op_on_a_fused_result():
     def body(m, x):
         h = m.fc(x) + x
@@ -699,6 +717,32 @@ def test_fuse_graph_on_a_traced_module():
     x = example()
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), **TOL, msg="outputs differ")
+
+
+class Flattening(nn.Module):
+    """A Linear with its weight stored as [in, out], written the way GPT-2's Conv1D does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(N, N) / N**0.5)
+        self.bias = nn.Parameter(torch.randn(N))
+
+    def forward(self, x):
+        h = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(x.shape)
+        return F.relu(h + x)
+
+
+@pytest.mark.parametrize("lead", [(5,), (3, 5)])
+def test_addmm_with_flattened_input_is_a_linear(lead):
+    model = Flattening().double()
+    x = example(*lead)
+    optimized, report = optimize(model, x, return_report=True)
+    (site,) = report.sites
+    assert (site.pattern, site.fused, site.shape) == ("addmm → add → relu", True, (*lead, N)), site
+    assert fused_calls(optimized) == 1, optimized.code
+    assert "addmm" not in optimized.code and "view" not in optimized.code, optimized.code
+    assert_same(model, optimized, x)
+    assert explain(model).sites == [], "addmm without shapes must not be taken as a Linear"
 
 
 class KwargsBlock(nn.Module):

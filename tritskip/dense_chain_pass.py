@@ -83,7 +83,7 @@ def _step(matcher: _Matcher, cat: Node) -> _Step | None:
     if list(y.users) != [cat]:
         return None
     lin = matcher._linear(lin_node)
-    if lin is None or lin.ineligible or lin.x is not h:
+    if lin is None or lin.ineligible or lin.transposed or lin.x is not h:
         return None
     if matcher._last_dim(lin, dim) or matcher._same_tensor(lin, h, "shortcut"):
         return None

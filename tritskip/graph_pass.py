@@ -1,9 +1,13 @@
 """Find skip connections in an existing model and route them through the fused Linear epilogue.
 
 :func:`optimize` traces a model with ``torch.fx`` and rewrites every *site*: a Linear (an
-``nn.Linear`` module call or ``F.linear``) whose output flows through
+``nn.Linear`` module call, ``F.linear``, a module that stores its weight as ``[in, out]`` and
+calls ``addmm`` (GPT-2's ``Conv1D``), or, where shapes are recorded, ``torch.addmm(b, x, W)``
+with the flatten/unflatten views around it) whose output flows through
 
-- an optional activation (``layer_activation``),
+- an optional activation (``layer_activation``; a module, a function, a method, or the same
+  function written out as elementwise arithmetic on one tensor, like GPT-2's ``gelu_new``,
+  recognized by evaluating it in float64 on points over [-10, 10]),
 - an optional multiplication by a number, or by a tensor attribute of shape ``[]`` or ``[N]``
   (``gamma``),
 - an optional dropout right before the merge (see *Dropout* below),
@@ -75,6 +79,7 @@ from __future__ import annotations
 
 import linecache
 import logging
+import math
 import operator
 import os
 import re
@@ -269,6 +274,10 @@ class SkipTracer(Tracer):
             return self.create_node("call_function", Activation, (a.name, a.negative_slope), {})
         return super().create_arg(a)
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # A transposed Linear stays one call, so the matcher sees it as the Linear it is.
+        return _transposed_linear(m) or super().is_leaf_module(m, module_qualified_name)
+
     def call_module(self, m, forward, args, kwargs):
         if m is not self.root and _has_call_hooks(m):
             path = self.path_of_module(m)
@@ -425,6 +434,87 @@ def _arg(node: Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+def _is_view(node: Any) -> bool:
+    return isinstance(node, Node) and (
+        (node.op == "call_method" and node.target in ("view", "reshape"))
+        or (node.op == "call_function" and node.target is torch.reshape)
+    )
+
+
+# Modules known to compute a Linear with the weight stored transposed, as ``[in, out]``, and
+# ``forward(x) = x @ weight + bias``, by (module, class name); matched by exact class, so a
+# subclass with its own forward is traced through instead.
+_TRANSPOSED_LINEARS = {
+    ("transformers.pytorch_utils", "Conv1D"),  # GPT-2, GPT, and models copied from them
+    ("transformers.modeling_utils", "Conv1D"),  # the same class in transformers < 4.39
+}
+
+
+def _transposed_linear(m: Any) -> bool:
+    """Whether ``m`` is a Linear whose ``weight`` is stored as ``[in, out]`` (GPT-2's ``Conv1D``)."""
+    if (
+        not isinstance(m, nn.Module)
+        or (type(m).__module__, type(m).__name__) not in _TRANSPOSED_LINEARS
+    ):
+        return False
+    # Read the dicts directly: while tracing, attribute access returns proxies.
+    w, b = m._parameters.get("weight"), m._parameters.get("bias")
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return False
+    return b is None or (isinstance(b, torch.Tensor) and b.shape == (w.shape[1],))
+
+
+_WRITTEN_OUT_LIMIT = 24  # nodes looked at after the Linear for a written-out activation
+_ELEMENTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+    torch.add, torch.sub, torch.mul, torch.div, torch.pow, torch.neg, torch.tanh, torch.sigmoid,
+    torch.erf, torch.exp, torch.sqrt, torch.rsqrt, torch.reciprocal, F.tanh, F.sigmoid,
+}  # fmt: skip
+_ELEMENTWISE_METHODS = {
+    "add", "sub", "mul", "div", "pow", "neg", "tanh", "sigmoid", "erf", "exp", "sqrt", "rsqrt",
+    "reciprocal", "__add__", "__radd__", "__mul__", "__rmul__", "__sub__", "__rsub__",
+    "__truediv__", "__pow__",
+}  # fmt: skip
+_PROBE = torch.cat([torch.linspace(-10, 10, 2001, dtype=torch.float64), torch.tensor([0.0])])
+
+
+def _elementwise(node: Node) -> bool:
+    """An out-of-place elementwise op whose non-tensor arguments are plain numbers."""
+    if node.op == "call_function":
+        ok = _hashable(node.target) and node.target in _ELEMENTWISE_FUNCTIONS
+    else:
+        ok = node.op == "call_method" and node.target in _ELEMENTWISE_METHODS
+    values = (*node.args, *node.kwargs.values())
+    return ok and all(isinstance(a, Node) or _number(a) for a in values)
+
+
+def _probe_activation(x: Node, region: list[Node]) -> Activation | None:
+    """The epilogue activation that ``region`` computes from ``x``, judged on ``_PROBE``."""
+    env: dict[Node, Any] = {x: _PROBE}
+
+    def value(a: Any) -> Any:
+        return env[a] if isinstance(a, Node) else a
+
+    try:
+        for node in region:
+            args = [value(a) for a in node.args]
+            kwargs = {k: value(v) for k, v in node.kwargs.items()}
+            if node.op == "call_function":
+                env[node] = node.target(*args, **kwargs)
+            else:
+                env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+    except Exception:
+        return None
+    y = env[region[-1]]
+    if not isinstance(y, torch.Tensor) or y.shape != _PROBE.shape or y.dtype != _PROBE.dtype:
+        return None
+    for name in ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh"):
+        act = Activation(name)
+        if torch.allclose(y, act(_PROBE), rtol=1e-12, atol=1e-12):
+            return act
+    return None
+
+
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -494,15 +584,17 @@ _INPLACE_FUNCTIONS = {getattr(operator, name) for name in _INPLACE_OPERATORS} | 
 
 @dataclass(frozen=True)
 class _Linear:
-    node: Node
-    label: str  # "Linear" or "F.linear"
+    node: Node  # the node whose value is the Linear's output
+    label: str  # "Linear", "F.linear", "addmm" or the class name of a transposed Linear
     x: Any
     weight: Any  # a Node, or None for a module (get_attr nodes are made on rewrite)
     bias: Any
-    module: nn.Linear | None
+    module: nn.Module | None
     out_features: int | None
     name: str
     ineligible: str = ""
+    transposed: bool = False  # the weight is stored as [in, out]
+    prelude: tuple[Node, ...] = ()  # earlier nodes of a flattened addmm, erased with the chain
 
 
 @dataclass(frozen=True)
@@ -578,6 +670,7 @@ class _Matcher:
         self.graph = graph
         self.prefix = prefix
         self.changed = False
+        self._written_cache: dict[Node, Any] = {}
 
     # -- classification ------------------------------------------------------------------------
 
@@ -720,6 +813,40 @@ class _Matcher:
         drop = self._dropout(node)
         return drop is not None and drop[1] != "off"
 
+    def _written_out_activation(self, x: Node) -> tuple[tuple[Node, ...], Activation] | None:
+        """An activation spelled as elementwise arithmetic on ``x`` alone, with its nodes.
+
+        GPT-2's ``gelu_new`` is ``0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3)))``.
+        The region is grown in graph order from ``x`` through elementwise ops whose tensor
+        inputs are ``x`` or the region; once nothing outside reads any of it but its last
+        value, that value, a function of ``x`` alone, is evaluated in float64 on points
+        spread over [-10, 10] and compared with each activation of the epilogue.
+        """
+        if x in self._written_cache:
+            return self._written_cache[x]
+        result = None
+        region: list[Node] = []
+        inside = {x}
+        node = x.next
+        for _ in range(_WRITTEN_OUT_LIMIT):
+            if node.op in ("output", "root"):
+                break
+            args = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, Node)]
+            if any(a in inside for a in args):
+                if not _elementwise(node) or any(a not in inside for a in args):
+                    break
+                region.append(node)
+                inside.add(node)
+                escaping = [n for n in (x, *region[:-1]) if any(u not in inside for u in n.users)]
+                if not escaping and len(region) > 1:
+                    act = _probe_activation(x, region)
+                    if act is not None:
+                        result = (tuple(region), act)
+                    break
+            node = node.next
+        self._written_cache[x] = result
+        return result
+
     def _is_dropout(self, node: Node) -> bool:
         if node.op == "call_module":
             return isinstance(self._module(node), nn.modules.dropout._DropoutNd)
@@ -776,18 +903,23 @@ class _Matcher:
     def _linear(self, node: Node) -> _Linear | None:
         if node.op == "call_module":
             m = self._module(node)
-            if not isinstance(m, nn.Linear):
+            transposed = _transposed_linear(m)
+            if not isinstance(m, nn.Linear) and not transposed:
                 return None
             x = _arg(node, 0, "input")
             if len(node.args) > 1 or set(node.kwargs) - {"input"} or not isinstance(x, Node):
                 return None
             ineligible = ""
-            if type(m).forward is not nn.Linear.forward:
+            if not transposed and type(m).forward is not nn.Linear.forward:
                 ineligible = f"{type(m).__name__} overrides Linear.forward"
             elif _has_call_hooks(m):
                 ineligible = "the Linear has forward or backward hooks"
             name = _join(self.prefix, node.target)
-            return _Linear(node, "Linear", x, None, None, m, m.out_features, name, ineligible)
+            label = type(m).__name__ if transposed else "Linear"
+            n = m.weight.shape[1] if transposed else m.out_features
+            return _Linear(node, label, x, None, None, m, n, name, ineligible, transposed)
+        if node.op == "call_function" and node.target is torch.addmm:
+            return self._addmm(node)
         if node.op == "call_function" and node.target is F.linear:
             x, w, b = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
             if len(node.args) > 3 or set(node.kwargs) - {"input", "weight", "bias"}:
@@ -798,6 +930,51 @@ class _Matcher:
             n = wm[0][0] if wm is not None and len(wm[0]) == 2 else None
             return _Linear(node, "F.linear", x, w, b, None, n, self._owner(node))
         return None
+
+    def _addmm(self, node: Node) -> _Linear | None:
+        """``addmm(b, x, W)``: a Linear with the weight stored as ``[in, out]``.
+
+        GPT-2's ``Conv1D`` flattens its input first and restores the leading dims after
+        (``addmm(b, x.view(-1, K), W).view(*lead, N)``); with shapes recorded (Dynamo, or
+        ``example_inputs``) that is taken whole, as a Linear on the unflattened input.
+        """
+        b, x2, w = (_arg(node, i, name) for i, name in enumerate(("input", "mat1", "mat2")))
+        extra = set(node.kwargs) - {"input", "mat1", "mat2", "beta", "alpha"}
+        if len(node.args) > 3 or extra or not all(isinstance(v, Node) for v in (b, x2, w)):
+            return None
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return None
+        wm, bm, xm = self._value_meta(w), self._value_meta(b), _meta(x2)
+        if wm is None or bm is None or xm is None or len(wm[0]) != 2 or len(xm[0]) != 2:
+            return None
+        n = wm[0][1]
+        if bm[0] != (n,):  # a bias of [M, N] is an added tensor, not a Linear's bias
+            return None
+        out, x, prelude = node, x2, ()
+        users = list(node.users)
+        if _is_view(x2) and len(x2.users) == 1 and len(users) == 1 and _is_view(users[0]):
+            src, um = x2.args[0], _meta(users[0])
+            sm = _meta(src)
+            if sm is not None and um is not None and len(sm[0]) >= 2 and sm[0][-1] == xm[0][1]:
+                lead = sm[0][:-1]
+                if math.prod(lead) == xm[0][0] and um[0] == (*lead, n):
+                    out, x, prelude = users[0], src, (x2, node)
+        return _Linear(
+            out, "addmm", x, w, b, None, n, self._owner(node), transposed=True, prelude=prelude
+        )
+
+    def _operands(self, lin: _Linear) -> tuple[Any, Any]:
+        """``(weight, bias)`` nodes in ``F.linear``'s layout, made at the insertion point."""
+        graph = self.graph
+        if lin.module is not None:
+            weight = graph.get_attr(f"{lin.node.target}.weight")
+            has_bias = getattr(lin.module, "bias", None) is not None
+            bias = graph.get_attr(f"{lin.node.target}.bias") if has_bias else None
+        else:
+            weight, bias = lin.weight, lin.bias
+        if lin.transposed:
+            weight = graph.call_method("t", (weight,))
+        return weight, bias
 
     def _owner(self, node: Node) -> str:
         stack = node.meta.get("nn_module_stack")
@@ -830,6 +1007,16 @@ class _Matcher:
         users = list(cur.users)
         if st.stage == _DONE or not users:
             return None, "", ""
+        if st.stage != _AFTER_DROPOUT:
+            written = self._written_out_activation(cur)
+            if written is not None:
+                region, act = written
+                step = (*st.steps, str(act))
+                if st.stage == _AFTER_LINEAR:
+                    new = replace(st, stage=_AFTER_INNER, inner=act)
+                else:
+                    new = replace(st, stage=_DONE, outer=act)
+                return replace(new, nodes=(*st.nodes, *region), steps=step), "", ""
         if len(users) > 1:
             # Worth reporting only when some user is an op that could have continued the chain.
             allowed = _NEXT_STEPS[st.stage]
@@ -967,14 +1154,14 @@ class _Matcher:
             return f"cat along dim {dim}, not the last dimension ({rank - 1})"
         return ""
 
-    def _hazard(self, st: _State) -> str:
+    def _hazard(self, lin: _Linear, st: _State) -> str:
         """What forbids moving the chain's work to its end: an in-place op outside the chain
         between its Linear and its end (``"in-place"``), or, for a chain holding a dropout
         module, another op drawing random numbers between that dropout and the end
         (``"random"``); ``""`` when nothing does."""
-        lo, hi = self.index[st.nodes[0]], self.index[st.nodes[-1]]
+        lo, hi = self.index[(*lin.prelude, *st.nodes)[0]], self.index[st.nodes[-1]]
         inside = bisect_left(self.inplace_at, hi) - bisect_left(self.inplace_at, lo + 1)
-        own = sum(1 for n in st.nodes[1:-1] if self._is_inplace(n))
+        own = sum(1 for n in (*lin.prelude, *st.nodes)[1:-1] if self._is_inplace(n))
         if inside > own:
             return "in-place"
         if st.dropout_node is not None:
@@ -1023,10 +1210,10 @@ class _Matcher:
         longest, best = states[-1], None
         complete = [s for s in states[1:] if s.complete]
         if complete:
-            best = next((s for s in reversed(complete) if not self._hazard(s)), None)
+            best = next((s for s in reversed(complete) if not self._hazard(lin, s)), None)
             if best is not complete[-1]:
                 cut = complete[-1].steps[len(best.steps) if best else 1]
-                if self._hazard(complete[-1]) == "random":
+                if self._hazard(lin, complete[-1]) == "random":
                     merge = complete[-1].steps[complete[-1].steps.index("dropout") + 1]
                     reason = f"another op draws random numbers between the dropout and the {merge}"
                 else:
@@ -1041,7 +1228,7 @@ class _Matcher:
         m = _meta(final.nodes[-1])
         common = {
             "module": lin.name,
-            "source": _source(lin.node),
+            "source": _source(lin.prelude[-1] if lin.prelude else lin.node),
             "pattern": " → ".join(steps),
             "shape": m[0] if m else None,
         }
@@ -1070,6 +1257,8 @@ class _Matcher:
         if kw.get("activation") is not None:
             steps.append(_activation_text(kw["activation"]))
         w = _arg(node, 1, "weight")
+        if isinstance(w, Node) and w.op == "call_method" and w.target == "t":
+            w = w.args[0]
         name = self._owner(node)
         if isinstance(w, Node) and w.op == "get_attr" and w.target.endswith(".weight"):
             name = _join(self.prefix, w.target.rpartition(".")[0])
@@ -1095,15 +1284,7 @@ class _Matcher:
     def _rewrite(self, lin: _Linear, st: _State) -> None:
         graph, end = self.graph, st.nodes[-1]
         with graph.inserting_before(end):
-            if lin.module is not None:
-                weight = graph.get_attr(f"{lin.node.target}.weight")
-                bias = (
-                    graph.get_attr(f"{lin.node.target}.bias")
-                    if lin.module.bias is not None
-                    else None
-                )
-            else:
-                weight, bias = lin.weight, lin.bias
+            weight, bias = self._operands(lin)
             gamma: Any = st.gamma
             if gamma is not None and st.scale != 1.0:
                 gamma = graph.call_function(operator.mul, (gamma, st.scale))
@@ -1136,7 +1317,7 @@ class _Matcher:
                 fused.meta[key] = lin.node.meta[key]
         fused.meta["is_wrapped"] = True  # the generated code marks the call as a tracing leaf
         end.replace_all_uses_with(fused)
-        for n in reversed(st.nodes):
+        for n in reversed((*lin.prelude, *st.nodes)):
             graph.erase_node(n)
         self.changed = True
 
