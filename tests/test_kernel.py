@@ -1,6 +1,7 @@
-"""The forward kernel against a float64 reference, through the op and its autograd.
+"""The fused op against a float64 reference, through its autograd, on both of its backends.
 
-On CPU the kernel runs in Triton's interpreter. The rule (DESIGN.md): the fused result's error
+Each test runs on the Triton kernels (on CPU in Triton's interpreter) and on the op's PyTorch
+path. The rule (DESIGN.md): the fused result's error
 against float64 is at most twice eager PyTorch's error in the same dtype, plus a small atol.
 bf16 dots are computed wrongly by the interpreter, so under it the kernel upcasts bf16 operands
 to fp32 before ``tl.dot`` (``DOT_IN_FP32``); bf16 tests here check loads, epilogue and the
@@ -12,8 +13,19 @@ import torch
 
 from tritskip import ACTIVATIONS, fused_linear, fused_linear_cat
 from tritskip.functional import eager_linear_cat, eager_linear_epilogue
+from tritskip.ops import force_backend
 
-pytestmark = pytest.mark.triton
+
+@pytest.fixture(autouse=True, params=["triton", "torch"])
+def op_backend(request):
+    """Every test runs on the Triton kernels and on the op's PyTorch path."""
+    if request.param == "triton":
+        from conftest import skip_without_triton
+
+        skip_without_triton()
+    with force_backend(request.param):
+        yield request.param
+
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

@@ -18,6 +18,9 @@ from tritskip import ConcatSkip, Residual, fused_linear, fused_linear_cat
 from tritskip.functional import eager_linear_cat, eager_linear_epilogue
 from tritskip.graph_pass import optimize
 
+# Eager runs here go through the custom op (its PyTorch path), the same op compiled graphs hold.
+pytestmark = pytest.mark.torch_op
+
 F64 = torch.float64
 
 

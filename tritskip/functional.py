@@ -29,23 +29,34 @@ without graph breaks.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
+from .composite import composite_linear_cat, composite_linear_epilogue
 from .epilogue import Activation
-from .ops import backward_from_output, linear_epilogue
+from .ops import backward_from_output, linear_epilogue, runs_composite
 
 __all__ = ["eager_linear_cat", "eager_linear_epilogue", "fused_linear", "fused_linear_cat"]
 
 ActivationLike = str | Activation | None
 
 
+_IDENTITY = Activation()
+
+
 def as_activation(act: ActivationLike) -> Activation:
     if act is None:
-        return Activation()
+        return _IDENTITY
     if isinstance(act, Activation):
         return act
-    return Activation(act)
+    return _named_activation(act)
+
+
+@functools.cache
+def _named_activation(name: str) -> Activation:
+    return Activation(name)
 
 
 def _scaled(z: torch.Tensor, gamma: torch.Tensor | float | None) -> torch.Tensor:
@@ -158,6 +169,8 @@ def fused_linear(
     or :class:`~tritskip.epilogue.Activation` objects.
     """
     outer, inner = as_activation(activation), as_activation(layer_activation)
+    if isinstance(x, torch.Tensor) and runs_composite(x):
+        return composite_linear_epilogue(x, weight, bias, residual, gamma, alpha, inner, outer)
     out_shape = (*x.shape[:-1], weight.shape[0]) if x.dim() >= 1 else None
     xc, wc, bc = _autocast_inputs(x, weight, bias)
     if not _fusable(xc, wc, bc, gamma, residual, out_shape):
@@ -195,6 +208,8 @@ def fused_linear_cat(
     ``shortcut_first`` the order is ``[shortcut, y]``.
     """
     inner = as_activation(layer_activation)
+    if isinstance(x, torch.Tensor) and runs_composite(x):
+        return composite_linear_cat(x, weight, bias, shortcut, gamma, inner, shortcut_first)
     xc, wc, bc = _autocast_inputs(x, weight, bias)
     fusable = (
         isinstance(shortcut, torch.Tensor)

@@ -42,7 +42,14 @@ import torch
 
 from .epilogue import Activation, activation_backward, apply_activation, output_determines_grad
 
-__all__ = ["force_backend", "linear_epilogue", "out_dtype", "triton_available", "uses_triton"]
+__all__ = [
+    "force_backend",
+    "linear_epilogue",
+    "out_dtype",
+    "runs_composite",
+    "triton_available",
+    "uses_triton",
+]
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _forced_backend: str | None = None
@@ -65,14 +72,15 @@ def _interpreting() -> bool:
 
 @contextlib.contextmanager
 def force_backend(name: str) -> Iterator[None]:
-    """Within the block, run the forward on ``"torch"`` or ``"triton"`` regardless of device.
+    """Within the block, run the forward on one backend regardless of device and mode.
 
-    For tests and benchmarks: ``"triton"`` on CPU tensors needs ``TRITON_INTERPRET=1`` set
-    before Triton is first imported.
+    ``"triton"``: the kernels (on CPU tensors this needs ``TRITON_INTERPRET=1`` set before
+    Triton is first imported); ``"torch"``: the op with its PyTorch path; ``"composite"``: no op,
+    the in-place eager composition of :mod:`tritskip.composite`. For tests and benchmarks.
     """
     global _forced_backend
-    if name not in ("torch", "triton"):
-        raise ValueError(f"backend must be 'torch' or 'triton', got {name!r}")
+    if name not in ("torch", "triton", "composite"):
+        raise ValueError(f"backend must be 'torch', 'triton' or 'composite', got {name!r}")
     previous, _forced_backend = _forced_backend, name
     try:
         yield
@@ -89,6 +97,20 @@ def uses_triton(x: torch.Tensor) -> bool:
     if x.device.type == "cuda":
         return True
     return x.device.type == "cpu" and _interpreting()
+
+
+def runs_composite(x: torch.Tensor) -> bool:
+    """Whether an input like ``x`` skips the op for the in-place eager composition.
+
+    So it does wherever no kernel runs and nothing traces: the op's dispatch costs more than
+    the composition on CPU (see :mod:`tritskip.composite`). Under ``torch.compile`` and
+    ``torch.export`` the op stays, so graphs hold one node per site.
+    """
+    if _forced_backend is not None:
+        return _forced_backend == "composite"
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    return not uses_triton(x)
 
 
 def out_dtype(
@@ -369,6 +391,12 @@ def _triton_backward(ctx, grad_out, x, weight, gamma, residual, out, z, y_cols):
     return dx, dw, db, dr, dgamma
 
 
+def _widened(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is not None and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
+
+
 def _backward(ctx, grad_out, _grad_z):
     x, weight, gamma, residual, out, z = ctx.saved_tensors
     n, s = ctx.n, ctx.shortcut_width
@@ -383,6 +411,11 @@ def _backward(ctx, grad_out, _grad_z):
         return (*_triton_backward(ctx, grad_out, x, weight, gamma, residual, out, z, y_cols), ds,
                 None, None, None, None, None, None, None, None)  # fmt: skip
 
+    # Derivatives of 16-bit values are taken in fp32 and rounded once, as eager's activation
+    # backward kernels do; chains of 16-bit elementwise ops would round at every step.
+    dy, z, out, residual = (_widened(t) for t in (dy, z, out, residual))
+    if gamma is not None:
+        gamma_eff = _widened(gamma)
     u = None
     if z is not None:
         u = apply_activation(z, ctx.inner.name, ctx.inner.negative_slope)
@@ -405,11 +438,12 @@ def _backward(ctx, grad_out, _grad_z):
 
     # The merge may run in a wider dtype than the matmul (see out_dtype); the matmul grads
     # are taken in the matmul's dtype, each returned grad in its input's dtype.
-    g_z2 = g_z.reshape(-1, n).to(x.dtype)
+    g_z_wide = g_z.reshape(-1, n)
+    g_z2 = g_z_wide.to(x.dtype)
     x2 = x.reshape(-1, x.shape[-1])
     dx = (g_z2 @ weight).reshape(x.shape) if needs[0] else None
     dw = g_z2.t() @ x2 if needs[1] else None
-    db = g_z2.sum(0) if needs[2] else None
+    db = g_z_wide.sum(0).to(x.dtype) if needs[2] else None
     dr = (g_v * ctx.alpha).to(ctx.residual_dtype) if needs[3] else None
     dgamma = None
     if needs[4]:
