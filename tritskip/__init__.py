@@ -4,7 +4,9 @@ from .blocks import ConcatSkip, Parallel, Residual, SkipConnection, layer_scale,
 from .dense_chain import DenseChain, dense_chain
 from .epilogue import ACTIVATIONS, Activation
 from .functional import fused_linear, fused_linear_cat
+from .graph_pass import explain, optimize
 from .ops import triton_available, uses_triton
+from .report import Report, Site
 
 __all__ = [
     "ACTIVATIONS",
@@ -12,12 +14,16 @@ __all__ = [
     "ConcatSkip",
     "DenseChain",
     "Parallel",
+    "Report",
     "Residual",
+    "Site",
     "SkipConnection",
     "dense_chain",
+    "explain",
     "fused_linear",
     "fused_linear_cat",
     "layer_scale",
+    "optimize",
     "residual_stack",
     "triton_available",
     "uses_triton",
