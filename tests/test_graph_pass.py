@@ -785,6 +785,37 @@ def test_dynamo_backend_fuses_captured_graphs(monkeypatch):
     ], sites
 
 
+class Breaking(nn.Module):
+    """Dynamo splits this model at the data-dependent branch; a site lies on each side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(N, N)
+        self.fc2 = nn.Linear(N, N)
+
+    def forward(self, x):
+        h = F.relu(self.fc(x) + x)
+        if h.sum() > 0:
+            h = h * 2
+        return torch.tanh(self.fc2(h))
+
+
+def test_explain_with_dynamo_reports_sites_across_graph_breaks():
+    model = Breaking().double()
+    x = example()
+    report = explain(model, x, dynamo=True)
+    assert [(s.module, s.pattern, s.fused) for s in report] == [
+        ("fc", "F.linear → add → relu", True),
+        ("fc2", "F.linear → tanh", True),
+    ], str(report)
+    assert len(report.graph_breaks) == 1, str(report)
+    assert report.graph_breaks[0].startswith(f"{__file__}:"), report.graph_breaks
+    assert "1 graph break(s)" in str(report), str(report)
+    assert all(type(m) is not fx.GraphModule for m in model.modules()), "model was rewritten"
+    with pytest.raises(ValueError, match="needs example_inputs"):
+        explain(model, dynamo=True)
+
+
 @pytest.mark.triton
 def test_optimized_model_on_the_triton_kernel():
     model = nn.Sequential(Block(), Block()).eval()

@@ -14,11 +14,12 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["SpecError", "load_model", "main"]
+__all__ = ["SpecError", "load_inputs", "load_model", "main"]
 
 
 class SpecError(Exception):
@@ -31,6 +32,34 @@ def load_model(spec: str) -> nn.Module:
     ``attr`` (dotted for nested attributes) may be an ``nn.Module`` instance, or a class or
     factory function that builds one when called with no arguments.
     """
+    obj = _load(spec)
+    if isinstance(obj, nn.Module):
+        return obj
+    if not callable(obj):
+        raise SpecError(
+            f"{spec!r} is a {type(obj).__name__}, not an nn.Module, a class or a factory"
+        )
+    model = _call(obj, spec)
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"{spec}() returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def load_inputs(spec: str) -> Any:
+    """Import ``package.module:attr`` naming example inputs: a tensor, a tuple of positional
+    arguments or a dict of keyword arguments, or a function called with no arguments that
+    returns one."""
+    obj = _load(spec)
+    if callable(obj) and not isinstance(obj, torch.Tensor):
+        obj = _call(obj, spec)
+    if not isinstance(obj, (torch.Tensor, tuple, list, dict)):
+        raise SpecError(
+            f"{spec!r} gives a {type(obj).__name__}, not a tensor, a tuple or a dict of inputs"
+        )
+    return obj
+
+
+def _load(spec: str) -> Any:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise SpecError(f"expected 'package.module:attribute', got {spec!r}")
@@ -44,12 +73,10 @@ def load_model(spec: str) -> nn.Module:
         except AttributeError:
             where = ".".join([module_name, *attr.split(".")[:i]])
             raise SpecError(f"{where!r} has no attribute {part!r}") from None
-    if isinstance(obj, nn.Module):
-        return obj
-    if not callable(obj):
-        raise SpecError(
-            f"{spec!r} is a {type(obj).__name__}, not an nn.Module, a class or a factory"
-        )
+    return obj
+
+
+def _call(obj: Callable[[], Any], spec: str) -> Any:
     try:
         inspect.signature(obj).bind()
     except TypeError as e:
@@ -59,10 +86,7 @@ def load_model(spec: str) -> nn.Module:
         ) from None
     except ValueError:  # no signature to check (some builtins): let the call decide
         pass
-    model = obj()
-    if not isinstance(model, nn.Module):
-        raise SpecError(f"{spec}() returned a {type(model).__name__}, not an nn.Module")
-    return model
+    return obj()
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -123,11 +147,28 @@ def _run_inspect(args: argparse.Namespace) -> int:
         sys.path.insert(0, os.getcwd())
     try:
         model = load_model(args.spec)
+        example = None if args.inputs is None else load_inputs(args.inputs)
     except SpecError as e:
         print(f"tritskip inspect: error: {e}", file=sys.stderr)
         return 2
-    example = None if args.shape is None else (torch.randn(*args.shape),)
-    print(explain(model, example))
+    if example is None and args.shape is not None:
+        example = (torch.randn(*args.shape),)
+    if args.dynamo and example is None:
+        print("tritskip inspect: error: --dynamo needs --shape or --inputs", file=sys.stderr)
+        return 2
+    if args.dynamo:
+        model.eval()
+    try:
+        report = explain(model, example, dynamo=args.dynamo)
+    except ValueError as e:
+        print(f"tritskip inspect: error: {e}", file=sys.stderr)
+        return 2
+    print(report)
+    if report.untraced and not args.dynamo:
+        print(
+            "\nSome modules do not trace with torch.fx; --dynamo (with --shape or --inputs) "
+            'reports what torch.compile(model, backend="tritskip") fuses in them.'
+        )
     return 0
 
 
@@ -142,6 +183,16 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--shape", type=_shape, default=None,
         help="example input shape, e.g. 8,64: checks shapes with a random input",
+    )  # fmt: skip
+    p.add_argument(
+        "--inputs", default=None, metavar="SPEC",
+        help="package.module:attr naming example inputs (a tensor, a tuple, a dict of keyword "
+        "arguments, or a function returning one), e.g. for a model taking token ids",
+    )  # fmt: skip
+    p.add_argument(
+        "--dynamo", action="store_true",
+        help="capture the model with TorchDynamo (as torch.compile with backend='tritskip' "
+        "does) instead of torch.fx; reaches models fx cannot trace; runs in eval mode",
     )  # fmt: skip
     p.set_defaults(run=_run_inspect)
 

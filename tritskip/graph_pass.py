@@ -1570,6 +1570,35 @@ def optimize(
     return (result, report) if return_report else result
 
 
-def explain(model: nn.Module, example_inputs: ExampleInputs = None) -> Report:
-    """The :class:`~tritskip.report.Report` of what :func:`optimize` would do; changes nothing."""
-    return _run(model, example_inputs)[1]
+def explain(
+    model: nn.Module, example_inputs: ExampleInputs = None, *, dynamo: bool = False
+) -> Report:
+    """The :class:`~tritskip.report.Report` of what :func:`optimize` would do; changes nothing.
+
+    With ``dynamo`` it reports instead what ``torch.compile(model, backend="tritskip")`` fuses:
+    TorchDynamo captures the model on ``example_inputs`` (required; the model runs once, in its
+    current mode, without autograd) and the matcher runs on each captured graph. This reaches
+    models that ``torch.fx`` cannot trace (``**kwargs``, tuple unpacking, data-dependent
+    branches, as in the transformers library). Like ``torch._dynamo.explain``, it resets
+    Dynamo's compile caches before and after.
+    """
+    if not dynamo:
+        return _run(model, example_inputs)[1]
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    call = _as_call(example_inputs)
+    if call is None:
+        raise ValueError("explain(..., dynamo=True) needs example_inputs to run the model on")
+    try:
+        with torch.no_grad():
+            captured = torch._dynamo.explain(model)(*call[0], **call[1])
+    except Exception as e:
+        raise ValueError(f"example_inputs do not run through the model: {e}") from e
+    report = Report()
+    for gm in captured.graphs:
+        report.sites.extend(fuse_graph(gm))  # Dynamo's own copies; the model is not touched
+    for br in captured.break_reasons:
+        frame = br.user_stack[-1] if br.user_stack else None
+        where = f"{frame.filename}:{frame.lineno}: " if frame is not None else ""
+        report.graph_breaks.append(f"{where}{str(br.reason).strip().splitlines()[0]}")
+    return report

@@ -47,10 +47,16 @@ class Untraced:
 
 @dataclass
 class Report:
-    """Every candidate site in graph order, and every module that was not traced whole."""
+    """Every candidate site in graph order, and every module that was not traced whole.
+
+    From the Dynamo front end (``explain(..., dynamo=True)``), ``graph_breaks`` lists where
+    Dynamo split the model into several graphs (``"file:line: reason"``); each graph is
+    matched on its own, so a chain across a break is not fused.
+    """
 
     sites: list[Site] = field(default_factory=list)
     untraced: list[Untraced] = field(default_factory=list)
+    graph_breaks: list[str] = field(default_factory=list)
 
     @property
     def fused(self) -> list[Site]:
@@ -76,6 +82,8 @@ class Report:
         parts.append(f"{len(self.left)} left")
         if self.untraced:
             parts.append(f"{len(self.untraced)} module(s) not traced whole")
+        if self.graph_breaks:
+            parts.append(f"{len(self.graph_breaks)} graph break(s)")
         return ", ".join(parts)
 
     def __str__(self) -> str:
@@ -98,6 +106,10 @@ class Report:
             lines.append("")
             lines.append("not traced whole (children optimized one by one):")
             lines.extend(f"  {u.module or '<model>'}: {u.reason}" for u in self.untraced)
+        if self.graph_breaks:
+            lines.append("")
+            lines.append("Dynamo graph breaks (each graph is matched on its own):")
+            lines.extend(f"  {b}" for b in self.graph_breaks)
         return "\n".join(lines)
 
 
