@@ -42,17 +42,24 @@ def _activate(y: torch.Tensor, act: Activation, *, grad: bool, frozen: bool) -> 
 
 def _fits(t: torch.Tensor, y: torch.Tensor) -> bool:
     """Whether ``y op= t`` keeps y's shape and dtype (else the step must allocate, as eager)."""
-    if not isinstance(t, torch.Tensor) or t.dim() > y.dim():
+    if not isinstance(t, torch.Tensor):
+        return False
+    if t.shape == y.shape:
+        return t.dtype == y.dtype
+    if t.dim() > y.dim():
         return False
     if t.shape != y.shape[y.dim() - t.dim() :] and t.numel() != 1:
         return False
-    return torch.result_type(y, t) == y.dtype and t.device == y.device
+    return torch.result_type(y, t) == y.dtype
 
 
 def _grad_mode(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in tensors
-    )
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # noqa: SIM110 - a loop, not a generator: this runs on every call
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            return True
+    return False
 
 
 def composite_linear_epilogue(

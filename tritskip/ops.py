@@ -66,7 +66,9 @@ def triton_available() -> bool:
     return True
 
 
+@functools.cache
 def _interpreting() -> bool:
+    # Read once, like triton.jit, which picks the interpreter when a kernel is defined.
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -104,13 +106,14 @@ def runs_composite(x: torch.Tensor) -> bool:
 
     So it does wherever no kernel runs and nothing traces: the op's dispatch costs more than
     the composition on CPU (see :mod:`tritskip.composite`). Under ``torch.compile`` and
-    ``torch.export`` the op stays, so graphs hold one node per site.
+    ``torch.export`` the op stays, so graphs hold one node per site. Called on every forward,
+    hence the cheap checks first.
     """
     if _forced_backend is not None:
         return _forced_backend == "composite"
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if (x.is_cuda or (x.is_cpu and _interpreting())) and uses_triton(x):
         return False
-    return not uses_triton(x)
+    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
 
 
 def out_dtype(
