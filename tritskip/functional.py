@@ -29,8 +29,6 @@ without graph breaks.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -51,12 +49,14 @@ def as_activation(act: ActivationLike) -> Activation:
         return _IDENTITY
     if isinstance(act, Activation):
         return act
-    return _named_activation(act)
+    # Memoized in a dict: torch.compile warns about tracing through a functools.cache wrapper.
+    named = _NAMED.get(act)
+    if named is None:
+        named = _NAMED[act] = Activation(act)
+    return named
 
 
-@functools.cache
-def _named_activation(name: str) -> Activation:
-    return Activation(name)
+_NAMED: dict[str, Activation] = {}
 
 
 def _scaled(z: torch.Tensor, gamma: torch.Tensor | float | None) -> torch.Tensor:

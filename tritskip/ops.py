@@ -55,21 +55,31 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _forced_backend: str | None = None
 
 
-@torch.compiler.assume_constant_result
-@functools.cache
+# Both answers are read once and kept in module globals rather than functools.cache, whose
+# wrapper torch.compile warns about each time it traces a call to it.
+_triton_available: bool | None = None
+_interpret: bool | None = None
+
+
 def triton_available() -> bool:
     """Whether ``triton`` imports; without it only the PyTorch path exists."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    global _triton_available
+    if _triton_available is None:
+        try:
+            import triton  # noqa: F401
+
+            _triton_available = True
+        except ImportError:
+            _triton_available = False
+    return _triton_available
 
 
-@functools.cache
 def _interpreting() -> bool:
     # Read once, like triton.jit, which picks the interpreter when a kernel is defined.
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    global _interpret
+    if _interpret is None:
+        _interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _interpret
 
 
 @contextlib.contextmanager
