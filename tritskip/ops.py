@@ -251,7 +251,11 @@ def _traced(x: torch.Tensor) -> bool:
 
 @functools.cache
 def _launches_capturable() -> bool:
-    """Whether tracing the Triton wrappers records their kernels (launched via ``wrap_triton``)."""
+    """Whether tracing the Triton wrappers records their kernels.
+
+    Read from the wrappers' source as ``triton_op`` reads it: each launch written
+    ``wrap_triton(kernel)[grid](...)``, with ``wrap_triton`` imported from ``torch.library``.
+    """
     if _interpreting():
         return False
     from torch._library.triton import get_inner_triton_kernels
@@ -380,23 +384,28 @@ def _setup_context(ctx, inputs, output):
 
 def _triton_backward(ctx, grad_out, x, weight, gamma, residual, out, z, y_cols):
     """dx, dW, db, dr, dgamma from the Triton kernels, which rebuild g_z as they load it."""
+    from torch._library.triton import set_wrap_triton_enabled
+
     from .kernels.linear_epilogue_backward import linear_epilogue_backward
 
     needs = ctx.needs_input_grad
     from_output = z is None
     # Without activations no derivative is read from ``saved``; the gradient stands in.
     saved = z if z is not None else out if out is not None else grad_out
-    dx, dw, db, dr, dgamma = linear_epilogue_backward(
-        grad_out.reshape(-1, grad_out.shape[-1]),
-        saved.reshape(-1, saved.shape[-1]),
-        from_output,
-        x.reshape(-1, x.shape[-1]),
-        weight,
-        None if residual is None else residual.reshape(-1, residual.shape[-1]),
-        gamma, ctx.gamma_scalar, ctx.alpha, ctx.inner, ctx.outer, y_cols.start,
-        (needs[0], needs[1], needs[2], needs[3], needs[4]),
-        residual_dtype=ctx.residual_dtype,
-    )  # fmt: skip
+    # A launch wrapped for capture would take its tracing dispatch even when nothing traces;
+    # launch directly then, as triton_op does for the forward.
+    with contextlib.nullcontext() if _traced(x) else set_wrap_triton_enabled(False):
+        dx, dw, db, dr, dgamma = linear_epilogue_backward(
+            grad_out.reshape(-1, grad_out.shape[-1]),
+            saved.reshape(-1, saved.shape[-1]),
+            from_output,
+            x.reshape(-1, x.shape[-1]),
+            weight,
+            None if residual is None else residual.reshape(-1, residual.shape[-1]),
+            gamma, ctx.gamma_scalar, ctx.alpha, ctx.inner, ctx.outer, y_cols.start,
+            (needs[0], needs[1], needs[2], needs[3], needs[4]),
+            residual_dtype=ctx.residual_dtype,
+        )  # fmt: skip
     if dx is not None:
         dx = dx.reshape(x.shape)
     if dr is not None:
