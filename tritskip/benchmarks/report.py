@@ -70,17 +70,21 @@ def markdown(result: RunResult) -> str:
                for r in data["summary"]]  # fmt: skip
     lines += _table(["workload", "mode", "anchor", "min", "median", "max", "widths"], summary)
 
-    lines += ["## Machine floors (measured in this run)", ""]
+    lines += ["## Machine rates (measured in this run)", ""]
     if floors:
         lines += [
             f"- copy bandwidth: {floors['bandwidth_bytes'] / 1e9:.1f} GB/s "
             f"({floors['copy_bytes'] / 2**20:.0f} MiB moved)",
             f"- matmul rate: {floors['matmul_flops'] / 1e12:.2f} TFLOP/s "
             f"({floors['matmul_n']}^3, {floors['matmul_dtype'].replace('torch.', '')})",
-            "- floor = max(FLOPs / matmul rate, minimum bytes / bandwidth); `floor %` is floor "
-            "time / measured time",
-            "",
         ]
+        if floors.get("is_floor", True):
+            lines += ["- floor = max(FLOPs / matmul rate, minimum bytes / bandwidth); `floor %` "
+                      "is floor time / measured time"]  # fmt: skip
+        else:
+            lines += [f"- {floors.get('note', 'no floor on this device')}; `floor %` is not "
+                      "reported, TFLOP/s and GB/s (minimum bytes / time) are"]  # fmt: skip
+        lines.append("")
 
     lines += ["## Every measurement", ""]
     ratio = {(r["workload"], r["width"], r["mode"], r["anchor"]): r["ratio"]
