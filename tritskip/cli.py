@@ -142,8 +142,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _run_inspect(args: argparse.Namespace) -> int:
     from .graph_pass import explain
 
-    # A console script does not put the working directory on sys.path; `python -m` does.
-    if os.getcwd() not in sys.path:
+    # A console script does not put the working directory on sys.path; `python -m` does. It is
+    # added only while the user's module loads, so it cannot shadow packages imported later.
+    added = os.getcwd() not in sys.path
+    if added:
         sys.path.insert(0, os.getcwd())
     try:
         model = load_model(args.spec)
@@ -151,6 +153,9 @@ def _run_inspect(args: argparse.Namespace) -> int:
     except SpecError as e:
         print(f"tritskip inspect: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
     if example is None and args.shape is not None:
         example = (torch.randn(*args.shape),)
     if args.dynamo and example is None:
