@@ -60,7 +60,7 @@ def activation_grad(
     whose derivative is a function of their output; the caller checks that.
     """
     if ACTIVATION == RELU:
-        grad = tl.where(saved > 0, grad, 0.0)
+        grad = tl.where(saved <= 0, 0.0, grad)  # eager's threshold_backward: NaN passes grad
     elif ACTIVATION == LEAKY_RELU:
         grad = tl.where(saved > 0, grad, grad * negative_slope)
     elif ACTIVATION == TANH:

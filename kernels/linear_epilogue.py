@@ -14,6 +14,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .activations import apply_activation
 
@@ -223,7 +224,7 @@ def linear_epilogue_forward(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    linear_epilogue_kernel[grid](
+    wrap_triton(linear_epilogue_kernel)[grid](
         x, weight, bias if bias is not None else dummy, r,
         gamma if gamma is not None else dummy, sc, out, z if z is not None else dummy,
         m, n, k, s,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .activations import activation_grad, apply_activation
 from .linear_epilogue import _interpreting, _prune_configs, default_configs
@@ -255,7 +256,7 @@ def linear_epilogue_backward(
             def grid_dx(meta):
                 return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
 
-            linear_epilogue_dx_kernel[grid_dx](
+            wrap_triton(linear_epilogue_dx_kernel)[grid_dx](
                 grad_out, saved, r, g, weight, dx_buf, dr if dr is not None else dummy,
                 m, n, k,
                 grad_out.stride(0), saved.stride(0), r.stride(0), r.stride(1), gamma_stride,
@@ -269,7 +270,7 @@ def linear_epilogue_backward(
             def grid_dw(meta):
                 return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)
 
-            linear_epilogue_dw_kernel[grid_dw](
+            wrap_triton(linear_epilogue_dw_kernel)[grid_dw](
                 grad_out, saved, r, g, x, dw_buf,
                 db if db is not None else dummy, dgamma if dgamma is not None else dummy,
                 m, n, k,
