@@ -109,6 +109,17 @@ _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+def _relu_backward(grad: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
+    """Eager's ``threshold_backward``: zero where ``saved <= 0``, ``grad`` elsewhere.
+
+    A product with a mask would differ on non-finite values: it passes nothing where ``saved``
+    is NaN (eager passes ``grad``) and gives NaN where ``grad`` is NaN or Inf and ``saved <= 0``
+    (eager gives 0). ``saved`` may be the input or the output of relu; both are ``<= 0`` at
+    the same places.
+    """
+    return grad.masked_fill(saved <= 0, 0)
+
+
 def activation_backward(
     grad: torch.Tensor,
     name: str,
@@ -122,7 +133,7 @@ def activation_backward(
         return grad
     if out is not None and output_determines_grad(name, negative_slope):
         if name == "relu":
-            return grad * (out > 0)
+            return _relu_backward(grad, out)
         if name == "leaky_relu":
             return torch.where(out > 0, grad, grad * negative_slope)
         if name == "tanh":
@@ -133,7 +144,7 @@ def activation_backward(
         raise ValueError(f"the backward of {name} needs the pre-activation")
     u = pre
     if name == "relu":
-        return grad * (u > 0)
+        return _relu_backward(grad, u)
     if name == "leaky_relu":
         return torch.where(u > 0, grad, grad * negative_slope)
     if name == "gelu":
