@@ -41,8 +41,10 @@ def _activate(y: torch.Tensor, act: Activation, *, grad: bool, frozen: bool) -> 
 
 
 def _fits(t: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether ``y op= t`` keeps y's shape and dtype (else the step must allocate, as eager)."""
-    if not isinstance(t, torch.Tensor):
+    """Whether ``y op= t`` keeps y's shape, dtype and device (else the step must allocate, as
+    eager does, and raise eager's error: an in-place op with a ``meta`` operand is a silent
+    no-op on a CPU tensor)."""
+    if not isinstance(t, torch.Tensor) or t.device != y.device:
         return False
     if t.shape == y.shape:
         return t.dtype == y.dtype

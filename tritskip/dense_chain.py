@@ -88,11 +88,27 @@ def eager_dense_chain(
     return h
 
 
+def _check_devices(x, weights, biases) -> None:
+    """Raise where a weight or bias is on another device than ``x``: eager ``F.linear`` would
+    return uninitialized memory for a CPU input with a ``meta`` weight instead of raising."""
+    if not isinstance(x, torch.Tensor):
+        return
+    for i, (weight, bias) in enumerate(zip(weights, biases, strict=True)):
+        for name, t in (("weight", weight), ("bias", bias)):
+            if isinstance(t, torch.Tensor) and t.device != x.device:
+                raise RuntimeError(
+                    f"dense_chain: layer {i} {name} is on {t.device}, the input on {x.device}"
+                )
+
+
 def _fusable(x, weights, biases) -> bool:
     """Whether the one-buffer chain reproduces eager for these inputs; else eager runs."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1 or not x.is_floating_point():
         return False
-    if torch.is_autocast_enabled(x.device.type) or x.is_nested or x.layout != torch.strided:
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return False
+    if x.is_nested or x.layout != torch.strided:
         return False
     width = x.shape[-1]
     for weight, bias in zip(weights, biases, strict=True):
@@ -244,6 +260,7 @@ def dense_chain(
     biases = [None] * len(weights) if biases is None else list(biases)
     if len(biases) != len(weights):
         raise ValueError(f"got {len(weights)} weights but {len(biases)} biases")
+    _check_devices(x, weights, biases)
     if not weights or not _fusable(x, weights, biases):
         return eager_dense_chain(x, weights, biases, activation)
     act = _as_activation(activation)

@@ -124,6 +124,19 @@ def _fusable(x, weight, bias, gamma, extra, extra_shape) -> bool:
     return all(t.device == x.device for t in tensors)
 
 
+def _check_devices(where: str, x, weight, bias) -> None:
+    """Raise where ``weight`` or ``bias`` is on another device than ``x``.
+
+    Eager ``F.linear`` raises for most such mixes, but not for a CPU input with a ``meta``
+    weight: it then returns uninitialized memory. The check makes every mix an error.
+    """
+    tensors = {"x": x, "weight": weight, "bias": bias}
+    devices = {k: t.device for k, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if "x" in devices and len(set(devices.values())) > 1:
+        found = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise RuntimeError(f"{where}: expected x, weight and bias on one device, got {found}")
+
+
 def _autocast_inputs(x, weight, bias):
     """``(x, weight, bias)`` as autocast would hand them to ``linear`` in the current region."""
     device = x.device.type
@@ -169,6 +182,7 @@ def fused_linear(
     or :class:`~tritskip.epilogue.Activation` objects.
     """
     outer, inner = as_activation(activation), as_activation(layer_activation)
+    _check_devices("fused_linear", x, weight, bias)
     if isinstance(x, torch.Tensor) and runs_composite(x):
         return composite_linear_epilogue(x, weight, bias, residual, gamma, alpha, inner, outer)
     out_shape = (*x.shape[:-1], weight.shape[0]) if x.dim() >= 1 else None
@@ -208,6 +222,7 @@ def fused_linear_cat(
     ``shortcut_first`` the order is ``[shortcut, y]``.
     """
     inner = as_activation(layer_activation)
+    _check_devices("fused_linear_cat", x, weight, bias)
     if isinstance(x, torch.Tensor) and runs_composite(x):
         return composite_linear_cat(x, weight, bias, shortcut, gamma, inner, shortcut_first)
     xc, wc, bc = _autocast_inputs(x, weight, bias)
