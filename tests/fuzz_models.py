@@ -99,11 +99,13 @@ class Spec:
     steps: tuple[Step, ...]
     layout: str = "contiguous"  # contiguous, transposed, strided
     example_inputs: bool = False
+    specials: bool = False  # the input holds NaN, +Inf and -Inf
     widths: tuple[int, ...] = field(default=(), compare=False)
 
     def __str__(self) -> str:
         lines = [
             f"x: [{', '.join(map(str, (*self.lead, self.in_width)))}] float, {self.layout}"
+            f"{', with NaN and Inf' if self.specials else ''}"
             f"{', shapes from example_inputs' if self.example_inputs else ''}"
         ]
         for i, s in enumerate(self.steps):
@@ -409,11 +411,21 @@ def specs(draw, *, dropout: bool = True, tiny: bool = False) -> Spec:
                 out[-1] = replace(step, tie=None)
         widths = list(model.widths)
     layout = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
-    return Spec(in_width, lead, tuple(out), layout, draw(st.booleans()))
+    specials = draw(st.integers(0, 4)) == 0
+    return Spec(in_width, lead, tuple(out), layout, draw(st.booleans()), specials)
 
 
 def make_input(spec: Spec, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, object]:
     """A leaf tensor and a function giving the model's input from it (a view per ``layout``)."""
+    base, view = _make_input(spec, dtype, seed)
+    if spec.specials and base.numel():
+        flat = base.detach().view(-1)
+        for k, value in enumerate((float("nan"), float("inf"), float("-inf"))):
+            flat[(k * 7) % flat.numel()] = value
+    return base, view
+
+
+def _make_input(spec: Spec, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, object]:
     gen = torch.Generator().manual_seed(seed)
     shape = (*spec.lead, spec.in_width)
     if spec.layout == "transposed":
