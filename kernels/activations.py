@@ -3,23 +3,24 @@
 Every helper takes and returns fp32 values. NaN propagates as in PyTorch: relu and leaky_relu
 test ``u < 0`` (false for NaN) instead of taking a maximum. ``tanh`` is built from ``exp``
 because Triton's language has no tanh and ``libdevice`` does not run under the interpreter.
+The codes and constants are ``tl.constexpr`` objects: the compiler reads no other globals.
 """
 
 import triton
 import triton.language as tl
 
-IDENTITY: tl.constexpr = 0
-RELU: tl.constexpr = 1
-LEAKY_RELU: tl.constexpr = 2
-GELU: tl.constexpr = 3
-GELU_TANH: tl.constexpr = 4
-SILU: tl.constexpr = 5
-TANH: tl.constexpr = 6
-SIGMOID: tl.constexpr = 7
+IDENTITY = tl.constexpr(0)
+RELU = tl.constexpr(1)
+LEAKY_RELU = tl.constexpr(2)
+GELU = tl.constexpr(3)
+GELU_TANH = tl.constexpr(4)
+SILU = tl.constexpr(5)
+TANH = tl.constexpr(6)
+SIGMOID = tl.constexpr(7)
 
-INV_SQRT_2: tl.constexpr = 0.7071067811865476
-SQRT_2_OVER_PI: tl.constexpr = 0.7978845608028654
-GELU_TANH_COEFF: tl.constexpr = 0.044715
+# Float constants are written inline below (1/sqrt(2) = 0.7071067811865476, sqrt(2/pi) =
+# 0.7978845608028654, gelu's tanh coefficient 0.044715, 1/sqrt(2*pi) = 0.3989422804014327):
+# the interpreter cannot multiply a tensor by a float tl.constexpr global.
 
 
 @triton.jit
@@ -38,9 +39,9 @@ def apply_activation(u, ACTIVATION: tl.constexpr, negative_slope):
     elif ACTIVATION == LEAKY_RELU:
         u = tl.where(u < 0, u * negative_slope, u)
     elif ACTIVATION == GELU:
-        u = 0.5 * u * (1.0 + tl.math.erf(u * INV_SQRT_2))
+        u = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
     elif ACTIVATION == GELU_TANH:
-        u = 0.5 * u * (1.0 + _tanh(SQRT_2_OVER_PI * (u + GELU_TANH_COEFF * u * u * u)))
+        u = 0.5 * u * (1.0 + _tanh(0.7978845608028654 * (u + 0.044715 * u * u * u)))
     elif ACTIVATION == SILU:
         u = u * tl.sigmoid(u)
     elif ACTIVATION == TANH:
@@ -70,12 +71,12 @@ def activation_grad(
         s = saved if FROM_OUTPUT else tl.sigmoid(saved)
         grad = grad * s * (1.0 - s)
     elif ACTIVATION == GELU:
-        cdf = 0.5 * (1.0 + tl.math.erf(saved * INV_SQRT_2))
-        pdf = tl.exp(-0.5 * saved * saved) * (INV_SQRT_2 * 0.5641895835477563)
+        cdf = 0.5 * (1.0 + tl.math.erf(saved * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * saved * saved) * 0.3989422804014327
         grad = grad * (cdf + saved * pdf)
     elif ACTIVATION == GELU_TANH:
-        t = _tanh(SQRT_2_OVER_PI * (saved + GELU_TANH_COEFF * saved * saved * saved))
-        d_inner = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEFF * saved * saved)
+        t = _tanh(0.7978845608028654 * (saved + 0.044715 * saved * saved * saved))
+        d_inner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * saved * saved)
         grad = grad * (0.5 * (1.0 + t) + 0.5 * saved * (1.0 - t * t) * d_inner)
     elif ACTIVATION == SILU:
         s = tl.sigmoid(saved)

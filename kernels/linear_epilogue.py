@@ -18,35 +18,22 @@ from torch.library import wrap_triton
 
 from .activations import apply_activation
 
-__all__ = ["default_configs", "linear_epilogue_forward", "linear_epilogue_kernel"]
+__all__ = [
+    "backward_configs",
+    "default_configs",
+    "linear_epilogue_forward",
+    "linear_epilogue_kernel",
+]
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def default_configs() -> list[triton.Config]:
-    """Tile shapes the autotuner picks from, per (M, N, K).
-
-    Under the interpreter one small tile: every config would be run, and 16 keeps tail tiles
-    (odd M, N, K in the tests) exercised. On a GPU: the large 128x128/128x256 tiles are the
-    usual Hopper choices for compute-bound widths; the narrow BLOCK_N = 32/64 tiles serve the
-    memory-bound widths (N <= 256) this package targets, where more row blocks in flight
-    matter more than reuse of x along N.
-    """
+def _configs(shapes) -> list[triton.Config]:
     if _interpreting():
+        # Every config would run under the interpreter; 16 keeps odd-size tails exercised.
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})]
-    shapes = [
-        # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps
-        (128, 256, 64, 3, 8),
-        (128, 128, 64, 4, 8),
-        (128, 128, 32, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 32, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 32, 32, 5, 2),
-    ]
     return [
         triton.Config(
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
@@ -55,6 +42,38 @@ def default_configs() -> list[triton.Config]:
         )
         for bm, bn, bk, stages, warps in shapes
     ]
+
+
+def default_configs() -> list[triton.Config]:
+    """Tile shapes the forward autotuner picks from, per (M, N, K, S).
+
+    128x128 is the usual Hopper tile for compute-bound widths; the narrower BLOCK_N = 64/32
+    tiles serve the memory-bound widths (N <= 256) this package targets, where more row blocks
+    in flight matter more than reusing x along N. Every config was compiled for sm_90 in bf16
+    and fp16 (``perf/build_check.py``): none spills and every dot becomes ``wgmma``. Dropped
+    for that reason: 128x256x64/8 warps (548 B of spills), 128x128x32/4 warps (160 B) and
+    64x32x32/2 warps (no wgmma with 2 warps).
+    """
+    return _configs(
+        [
+            # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps
+            (128, 128, 64, 4, 8),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (128, 32, 64, 4, 4),
+            (64, 64, 64, 4, 4),
+        ]
+    )
+
+
+def backward_configs() -> list[triton.Config]:
+    """Tiles of the dX and dW kernels, which hold more live values than the forward.
+
+    From the same sm_90 build check: 128x128x64/8 warps (252 and 186 registers) and
+    64x64x64/4 warps build without spills and with ``wgmma`` for both; the forward's other
+    tiles spill in dX (128x64x64) or dW (64x128x64), or lose ``wgmma`` in dW (128x32x64).
+    """
+    return _configs([(128, 128, 64, 4, 8), (64, 64, 64, 4, 4)])
 
 
 def _prune_configs(configs, named_args, **kwargs):

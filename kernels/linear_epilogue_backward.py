@@ -20,7 +20,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .activations import activation_grad, apply_activation
-from .linear_epilogue import _interpreting, _prune_configs, default_configs
+from .linear_epilogue import _interpreting, _prune_configs, backward_configs
 
 __all__ = ["linear_epilogue_backward"]
 
@@ -56,7 +56,7 @@ def _grad_z_tile(
 
 
 @triton.autotune(
-    configs=default_configs(),
+    configs=backward_configs(),
     key=["M", "N", "K"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
@@ -121,7 +121,7 @@ def linear_epilogue_dx_kernel(
 
 
 @triton.autotune(
-    configs=default_configs(),
+    configs=backward_configs(),
     key=["M", "N", "K"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )

@@ -58,8 +58,8 @@ def kernels() -> dict:
         from tritskip.kernels import linear_epilogue_backward as bwd
     except ImportError:
         return _unwrap(found)
-    found["dx"] = (bwd.linear_epilogue_dx_kernel, fwd.default_configs())
-    found["dw"] = (bwd.linear_epilogue_dw_kernel, fwd.default_configs())
+    found["dx"] = (bwd.linear_epilogue_dx_kernel, fwd.backward_configs())
+    found["dw"] = (bwd.linear_epilogue_dw_kernel, fwd.backward_configs())
     return _unwrap(found)
 
 
