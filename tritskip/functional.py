@@ -180,6 +180,14 @@ def fused_linear(
     ``gamma`` is a float, a 0-d tensor or a per-output-channel vector of shape ``[N]``;
     ``activation``/``layer_activation`` are names from :data:`tritskip.epilogue.ACTIVATIONS`
     or :class:`~tritskip.epilogue.Activation` objects.
+
+    Memory saved for the backward, besides ``x`` and ``W``: nothing without activations; the
+    output alone when the one activation is relu, leaky_relu (positive slope), tanh or sigmoid,
+    whose derivative is a function of it; otherwise (gelu, silu, two activations, or a
+    ``gamma`` that trains) the pre-activation ``z = x @ W.T + b``, one ``[M, N]`` tensor in the
+    input dtype, which the forward kernel stores as it computes it. Recomputing ``z`` instead
+    would save that tensor at the cost of a third matmul in the backward; eager's gelu keeps
+    the same tensor, so storing it costs nothing over eager.
     """
     outer, inner = as_activation(activation), as_activation(layer_activation)
     _check_devices("fused_linear", x, weight, bias)
