@@ -85,6 +85,24 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
+@triton.jit
+def grouped_tile(pid, rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+                 GROUP: tl.constexpr):  # fmt: skip
+    """(row block, column block) of program ``pid``, both int64, in grouped order.
+
+    GROUP row blocks run side by side, so the column operand's tiles they share are still in
+    L2 when the next of them loads them. int64 keeps ``block * stride`` from overflowing.
+    """
+    num_row_blocks = tl.cdiv(rows, BLOCK_ROWS)
+    num_col_blocks = tl.cdiv(cols, BLOCK_COLS)
+    pids_per_group = GROUP * num_col_blocks
+    first_row_block = (pid // pids_per_group) * GROUP
+    group_size = min(num_row_blocks - first_row_block, GROUP)
+    row_block = first_row_block + (pid % pids_per_group) % group_size
+    col_block = (pid % pids_per_group) // group_size
+    return row_block.to(tl.int64), col_block.to(tl.int64)
+
+
 @triton.autotune(
     configs=default_configs(),
     key=["M", "N", "K", "S"],
@@ -109,14 +127,8 @@ def linear_epilogue_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # Map the program id to a tile; GROUP_M row blocks share W tiles while they are in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_size = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = (first_pid_m + (pid % pids_per_group) % group_size).to(tl.int64)
-    pid_n = ((pid % pids_per_group) // group_size).to(tl.int64)
 
     # Offsets and masks of the tile and the first K block.
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

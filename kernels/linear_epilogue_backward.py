@@ -20,7 +20,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .activations import activation_grad, apply_activation
-from .linear_epilogue import _interpreting, _prune_configs, backward_configs
+from .linear_epilogue import _interpreting, _prune_configs, backward_configs, grouped_tile
 
 __all__ = ["linear_epilogue_backward"]
 
@@ -73,14 +73,7 @@ def linear_epilogue_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # Map the program id to a [BLOCK_M, BLOCK_K] tile of dx.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
-    pids_per_group = GROUP_M * num_pid_k
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_size = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = (first_pid_m + (pid % pids_per_group) % group_size).to(tl.int64)
-    pid_k = ((pid % pids_per_group) // group_size).to(tl.int64)
+    pid_m, pid_k = grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -138,14 +131,7 @@ def linear_epilogue_dw_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # Map the program id to a [BLOCK_N, BLOCK_K] tile of dW.
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
-    pids_per_group = GROUP_M * num_pid_k
-    first_pid_n = (pid // pids_per_group) * GROUP_M
-    group_size = min(num_pid_n - first_pid_n, GROUP_M)
-    pid_n = (first_pid_n + (pid % pids_per_group) % group_size).to(tl.int64)
-    pid_k = ((pid % pids_per_group) // group_size).to(tl.int64)
+    pid_n, pid_k = grouped_tile(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_M)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
