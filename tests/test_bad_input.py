@@ -238,6 +238,41 @@ def test_blocks_run_on_meta(block, path):
 
 
 # --------------------------------------------------------------------------------------------
+# The result changed in place before the backward
+
+
+def _changed_in_place(fn):
+    try:
+        h = fn()
+        h.mul_(2)
+        h.sum().backward()
+    except RuntimeError as e:
+        return type(e)
+    return None
+
+
+@pytest.mark.parametrize("outer", ["identity", "relu", "leaky_relu", "sigmoid"])
+@pytest.mark.parametrize("inner", ["identity", "relu", "leaky_relu", "gelu"])
+def test_result_changed_in_place_where_eager_allows_it(inner, outer, path):
+    """Whatever the fused calls save for the backward, an in-place change to their result that
+    eager's backward tolerates must be tolerated too (leaky_relu saves its input in eager; a
+    concatenation's activation never saved the concatenation)."""
+    fc = nn.Linear(K, K)
+    x = torch.randn(M, K)
+    for residual in (None, x):
+        kw = {"residual": residual, "activation": outer, "layer_activation": inner}
+        eager = _changed_in_place(lambda kw=kw: eager_linear_epilogue(x, *fc.parameters(), **kw))
+        fused = _changed_in_place(lambda kw=kw: fused_linear(x, *fc.parameters(), **kw))
+        assert eager is not None or fused is None, f"fused_linear {kw} raised where eager did not"
+    kw = {"shortcut": x, "layer_activation": inner}
+    eager = _changed_in_place(lambda: eager_linear_cat(x, fc.weight, fc.bias, **kw))
+    fused = _changed_in_place(lambda: fused_linear_cat(x, fc.weight, fc.bias, **kw))
+    assert eager is not None or fused is None, (
+        f"fused_linear_cat {inner} raised where eager did not"
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Non-finite values
 
 

@@ -22,13 +22,15 @@ from .epilogue import Activation, apply_activation
 
 __all__ = ["composite_linear_cat", "composite_linear_epilogue"]
 
-# Activations whose autograd formula reads their output: mutating that output afterwards
-# would break the backward, and running them in place is safe.
+# Activations whose eager autograd formula reads their output: mutating that output afterwards
+# would break eager's backward too, and running them in place is safe. (leaky_relu's in-place
+# form saves its output but the out-of-place one its input, so it is not among them: in place,
+# it would forbid in-place changes to its result that eager allows.)
 _SAVES_OUTPUT = ("relu", "tanh", "sigmoid")
 
 
 def _saves_output(act: Activation) -> bool:
-    return act.name in _SAVES_OUTPUT or (act.name == "leaky_relu" and act.negative_slope > 0)
+    return act.name in _SAVES_OUTPUT
 
 
 def _activate(y: torch.Tensor, act: Activation, *, grad: bool, frozen: bool) -> tuple:

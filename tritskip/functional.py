@@ -245,10 +245,9 @@ def fused_linear_cat(
                                 layer_activation=inner, shortcut_first=shortcut_first)  # fmt: skip
     gamma_t, gamma_s = _gamma_args(gamma)
     gamma_grad = isinstance(gamma, torch.Tensor) and gamma.requires_grad
-    save_z = _needs_grad(xc, wc, bc, gamma) and (
-        gamma_grad
-        or not backward_from_output(inner, Activation(), False, gamma_t is None and gamma_s == 1.0)
-    )
+    # The output is the concatenation, which eager's activation never saved: reading act' off
+    # it would forbid in-place changes to the result that eager allows, so z is saved instead.
+    save_z = _needs_grad(xc, wc, bc, gamma) and (gamma_grad or not inner.is_identity)
     out, _ = linear_epilogue(
         xc, wc, bc, None, gamma_t, shortcut, gamma_s, 1.0,
         inner.name, inner.negative_slope, "identity", 0.01, shortcut_first, save_z,

@@ -345,15 +345,23 @@ def backward_from_output(inner: Activation, outer: Activation, has_residual: boo
                          gamma_is_one: bool) -> bool:  # fmt: skip
     """Whether ``act'`` can be read off the op's output, so ``z`` need not be saved.
 
-    True when only one activation is non-identity and its input is recoverable: ``inner`` is
-    identity and ``outer`` is output-determined (relu, leaky_relu, tanh, sigmoid), or there is
-    no merge at all (no residual, gamma 1) and ``inner`` is output-determined.
+    True when only one activation is non-identity and eager's own backward of it reads its
+    output (relu, tanh, sigmoid): ``inner`` is identity, or there is no merge at all (no
+    residual, gamma 1). Saving the output then forbids no in-place change to the result that
+    eager allows. leaky_relu's derivative is a function of its output too, but eager saves its
+    input, so users may change its result in place: ``z`` is saved for it.
     """
     if inner.is_identity:
-        return output_determines_grad(outer.name, outer.negative_slope)
+        return _eager_saves_output(outer)
     if outer.is_identity and not has_residual and gamma_is_one:
-        return output_determines_grad(inner.name, inner.negative_slope)
+        return _eager_saves_output(inner)
     return False
+
+
+def _eager_saves_output(act: Activation) -> bool:
+    return act.name in ("identity", "relu", "tanh", "sigmoid") and output_determines_grad(
+        act.name, act.negative_slope
+    )
 
 
 def _setup_context(ctx, inputs, output):
