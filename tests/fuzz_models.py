@@ -341,9 +341,11 @@ _FUSABLE_ACTS = [k for k in ACTIVATIONS if k != "F.softplus"]
 @st.composite
 def steps(draw, index: int, widths: list[int], *, dropout: bool, tiny: bool) -> Step:
     w_in = widths[-1]
-    kinds = ["add", "add", "add", "cat", "cat", "act", "norm", "block"]
+    kinds = ["add", "add", "add", "cat", "cat", "act", "block"]
     if w_in > 1:
-        kinds.append("twice")
+        # LayerNorm over one feature returns its bias; its weight's gradient is then rounding
+        # noise times 1/sqrt(eps), which no tolerance derived from eager's error can bound.
+        kinds += ["twice", "norm"]
     kind = draw(st.sampled_from(kinds))
     width = draw(_TINY_WIDTHS if tiny else _WIDTHS)
     if kind == "norm":
