@@ -219,7 +219,8 @@ class SkipTracer(Tracer):
     """``torch.fx`` tracer used by the pass.
 
     Differences from the default: stack traces are recorded (for the report), the fused
-    functions are leaves, ``Activation`` arguments become constructor calls in the graph (so the
+    functions and Linears with a transposed weight (GPT-2's ``Conv1D``) are leaves,
+    ``Activation`` arguments become constructor calls in the graph (so the
     generated code can rebuild them), ``+=``-style ops stay in place, and tracing fails instead
     of silently dropping what a graph cannot hold: hooks of a traced-through submodule, and a
     grad-mode or autocast change made inside ``forward`` (``with torch.no_grad():``).
@@ -1360,8 +1361,11 @@ def dynamo_backend(gm: GraphModule, example_inputs: list[Any]) -> Any:
 
     Dynamo captures models that ``torch.fx`` symbolic tracing cannot (``**kwargs``, tuple
     unpacking, data-dependent code split into several graphs), so this reaches sites that
-    :func:`optimize` reports as untraced: ``torch.compile(model, backend=dynamo_backend)``.
-    Shapes come from Dynamo's example values.
+    :func:`optimize` reports as untraced: ``torch.compile(model, backend="tritskip")`` (the
+    name is registered through the ``torch_dynamo_backends`` entry point when the package is
+    installed; importing tritskip registers nothing). Shapes come from Dynamo's example values.
+    Dynamo guards on each module's ``training`` flag, so a mode switch recompiles and dropout
+    calls arrive with their mode fixed. :func:`explain` with ``dynamo=True`` reports the sites.
     """
     sites = fuse_graph(gm)
     logger.debug("dynamo graph: %d of %d sites fused", sum(s.fused for s in sites), len(sites))
