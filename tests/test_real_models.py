@@ -195,3 +195,14 @@ def test_inspect_with_dynamo(capsys):
     out = capsys.readouterr().out
     assert out.startswith("3 sites, 3 fused, 0 left"), out
     assert "h.0.mlp.c_fc" in out and "addmm → gelu_tanh" in out, out
+
+
+def test_inspect_without_dynamo_points_to_it(capsys):
+    assert cli.main(["inspect", f"{__name__}:gpt2_one_layer"]) == 0
+    out = capsys.readouterr().out
+    assert "not traced whole" in out and "--dynamo" in out, out
+
+
+def test_inspect_dynamo_needs_inputs(capsys):
+    assert cli.main(["inspect", f"{__name__}:gpt2_one_layer", "--dynamo"]) == 2
+    assert "--dynamo needs --shape or --inputs" in capsys.readouterr().err

@@ -143,10 +143,12 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from .graph_pass import explain
 
     # A console script does not put the working directory on sys.path; `python -m` does. It is
-    # added only while the user's module loads, so it cannot shadow packages imported later.
+    # added only while the user's module loads, and last, so a folder there cannot shadow an
+    # installed package imported then or later (a checkout's kernels/ and the PyPI package
+    # transformers imports while it builds a model).
     added = os.getcwd() not in sys.path
     if added:
-        sys.path.insert(0, os.getcwd())
+        sys.path.append(os.getcwd())
     try:
         model = load_model(args.spec)
         example = None if args.inputs is None else load_inputs(args.inputs)
